@@ -1,0 +1,264 @@
+"""Settings: one declaration per setting drives the TOML file, the environment, the
+command-line overrides, validation and the reference in the README.
+
+Owns: reading `meteorit.toml` (tomllib), checking every key, and producing a `Config`.
+Must not touch: sockets, processes or Redis; it only describes what they should be.
+
+Precedence, highest first: command-line flags, environment (`METEORIT_*`), the file,
+the defaults below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+EMBEDDED = "embedded"
+KiB = 1024
+MiB = 1024 * KiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB,
+               "m": MiB, "mb": MiB, "mib": MiB, "g": 1024 * MiB, "gb": 1024 * MiB, "gib": 1024 * MiB}
+
+
+# --- value parsers: each takes the raw value and returns it checked, or raises ValueError
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be an integer >= 0, got {value!r}")
+    return value
+
+
+def positive_seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def size(value: Any) -> int:
+    """A byte count: an integer, or a string such as "64KiB" or "1MiB"."""
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ValueError(f"must be a size such as 65536, \"64KiB\" or \"1MiB\", got {value!r}")
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2) and match.group(2).lower()]
+    return positive_int(value)
+
+
+def non_empty_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def listen_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of addresses such as \"127.0.0.1:8080\"")
+    for address in value:
+        parse_listen_address(address)
+    return list(value)
+
+
+def parse_listen_address(address: Any) -> tuple[str, Any]:
+    """`HOST:PORT`, `[V6]:PORT` or `unix:/path` → (family, address)."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"bad listen address {address!r}")
+    if address.startswith("unix:"):
+        path = address[5:]
+        if not path:
+            raise ValueError(f"bad listen address {address!r}: empty unix socket path")
+        return "unix", path
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad listen address {address!r}: expected HOST:PORT, [V6]:PORT or unix:/path")
+    if host.startswith("[") and host.endswith("]"):
+        return "inet6", (host[1:-1], int(port))
+    return "inet", (host or "0.0.0.0", int(port))
+
+
+def redis_url(value: Any) -> str:
+    value = non_empty_str(value)
+    if value == EMBEDDED or value.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return value
+    raise ValueError(f"must be \"embedded\" or a redis://, rediss:// or unix:// URL, got {value!r}")
+
+
+def api_keys(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
+        raise ValueError("must be a list of non-empty strings")
+    return list(value)
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    env: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "listen", ["127.0.0.1:8080"], listen_list,
+            "Addresses to listen on: \"HOST:PORT\", \"[V6]:PORT\" or \"unix:/path\".", "METEORIT_LISTEN"),
+    Setting("server", "workers", 0, non_negative_int,
+            "Worker processes; 0 means one per CPU.", "METEORIT_WORKERS"),
+    Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket."),
+    Setting("server", "graceful_timeout", 30.0, positive_seconds,
+            "QUIT: how long workers may take to finish in-flight requests and flush."),
+    Setting("redis", "url", EMBEDDED, redis_url,
+            "\"embedded\" (a private redis-server the master supervises) or a redis:// / unix:// URL.",
+            "METEORIT_REDIS_URL"),
+    Setting("redis", "queue", "meteorit:events", non_empty_str, "The Redis list events are pushed to."),
+    Setting("redis", "timeout", 5.0, positive_seconds, "Connect and command timeout towards Redis."),
+    Setting("redis", "batch_max_events", 10000, positive_int, "Most events in one group-commit RPUSH."),
+    Setting("redis", "batch_max_bytes", "4MiB", size, "Most bytes in one group-commit RPUSH."),
+    Setting("redis", "max_pending_bytes", "64MiB", size,
+            "Most bytes of events a worker holds waiting for Redis; past it, 503."),
+    Setting("redis", "data_dir", "var/redis", non_empty_str,
+            "Embedded Redis only: its data (AOF), socket and log; relative to the working directory."),
+    Setting("redis", "server_binary", "redis-server", non_empty_str, "Embedded Redis only: the binary to run."),
+    Setting("auth", "keys", [], api_keys, "Accepted API keys; an empty list turns auth off (logged loudly)."),
+    Setting("limits", "max_body", "1MiB", size, "Largest request body; past it, 413."),
+    Setting("limits", "max_event_size", "64KiB", size,
+            "Largest event, measured as its queue record (with id and received_at); past it, 413."),
+    Setting("limits", "max_events_per_request", 1000, positive_int, "Most events in one request; past it, 413."),
+    Setting("limits", "max_header_size", "16KiB", size, "Largest request line plus headers; past it, 431."),
+    Setting("limits", "max_headers", 100, positive_int, "Most header fields in one request; past it, 431."),
+    Setting("limits", "max_pipeline", 32, positive_int,
+            "Most pipelined requests a connection may have waiting; reading pauses beyond."),
+    Setting("limits", "max_connections", 4096, positive_int, "Most open connections per worker; beyond, 503."),
+    Setting("limits", "header_timeout", 10.0, positive_seconds,
+            "From a request's first byte to the end of its headers; past it, 408."),
+    Setting("limits", "body_timeout", 30.0, positive_seconds, "From the end of the headers to the end of the body; past it, 408."),
+    Setting("limits", "keepalive_timeout", 75.0, positive_seconds, "An idle connection is closed after this."),
+    Setting("log", "level", "info", one_of("debug", "info", "warning", "error"), "Log level."),
+    Setting("log", "format", "json", one_of("json", "text"), "\"json\": one object per line; \"text\" for humans."),
+)
+
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+@dataclass
+class Config:
+    """Validated settings, read as `config.limits.max_body`."""
+
+    values: dict[str, Any]
+    path: str | None = None
+    sections: dict[str, SimpleNamespace] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sections = {name: SimpleNamespace() for name in SECTIONS}
+        for s in SETTINGS:
+            setattr(self.sections[s.section], s.key, self.values[s.name])
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
+
+    @property
+    def version(self) -> str:
+        """A short digest of the effective settings, the same in every process."""
+        blob = repr(sorted(self.values.items())).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def worker_count(self) -> int:
+        return self.server.workers or os.cpu_count() or 1
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.redis.url == EMBEDDED
+
+
+def _check(setting: Setting, raw: Any) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(setting.name, str(exc)) from None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def _from_file(data: Mapping[str, Any]) -> dict[str, Any]:
+    known = {s.name: s for s in SETTINGS}
+    found: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, f"unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table ([section])")
+        for key, raw in table.items():
+            name = f"{section}.{key}"
+            if name not in known:
+                raise ConfigError(name, "unknown key")
+            found[name] = raw
+    return found
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read `path` (optional), apply `env` and `overrides` ({"server.workers": 4}), validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = _from_file(_read_file(path)) if path else {}
+    for s in SETTINGS:
+        if s.env and env.get(s.env):
+            raw[s.name] = env[s.env]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+    values = {s.name: _check(s, raw.get(s.name, s.default)) for s in SETTINGS}
+    return Config(values=values, path=path)
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from SETTINGS."""
+    rows = ["| key | default | env | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = repr(s.default).replace("'", '"')
+        rows.append(f"| `{s.name}` | `{default}` | {s.env or ''} | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,143 @@
+"""The embedded Redis: a private redis-server the master starts and supervises when
+`redis.url = "embedded"`, so a fresh machine needs no Redis set-up of its own.
+
+Owns: the data directory (`redis.data_dir`: redis.conf, appendonly AOF files, redis.sock,
+redis.log, meteorit.lock), starting redis-server in its own session (a Ctrl-C or a group
+signal reaches only the master, which stops Redis last, after the workers flushed) and
+stopping it. Must not touch: the queue's contents.
+
+Durability: AOF with `appendfsync everysec`, Redis's default trade-off; point `redis.url`
+at a Redis of your own for anything else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import time
+
+import redis
+
+from .errors import EmbeddedRedisError
+
+log = logging.getLogger("meteorit.embedded")
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 30.0
+
+CONF = """# written by meteorit at every start: edit redis.data_dir / redis.url instead
+port 0
+unixsocket {socket}
+unixsocketperm 700
+dir {dir}
+appendonly yes
+appendfsync everysec
+save ""
+daemonize no
+logfile {dir}/redis.log
+"""
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: str, binary: str = "redis-server") -> None:
+        self.dir = os.path.abspath(data_dir)
+        self.binary = binary
+        self.socket_path = os.path.join(self.dir, "redis.sock")
+        self.pid: int | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> None:
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise EmbeddedRedisError(
+                f"redis.url is \"embedded\" but {self.binary!r} is not installed "
+                "(apt-get install redis-server), or set redis.url to your Redis")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._take_lock()
+        self._stop_orphan()
+        conf = os.path.join(self.dir, "redis.conf")
+        with open(conf, "w") as f:
+            f.write(CONF.format(socket=self.socket_path, dir=self.dir))
+        self.pid = os.posix_spawn(binary, [binary, conf], dict(os.environ), setsid=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._answers():
+            if self.poll_exited() or time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedRedisError(f"redis-server did not start: see {self.dir}/redis.log")
+            time.sleep(0.05)
+        log.info("embedded redis started", extra={"redis_pid": self.pid, "data_dir": self.dir})
+
+    def stop(self) -> None:
+        """SIGTERM (Redis writes its AOF and exits), SIGKILL past STOP_TIMEOUT."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                log.info("embedded redis stopped")
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        log.error("embedded redis did not stop in %ss; killed", STOP_TIMEOUT)
+
+    def poll_exited(self) -> bool:
+        if self.pid is None:
+            return True
+        try:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            done = self.pid
+        if done:
+            self.pid = None
+        return bool(done)
+
+    def reaped(self) -> None:
+        """The master's reaper collected redis-server's exit status."""
+        self.pid = None
+
+    def _take_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(os.path.join(self.dir, "meteorit.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedRedisError(f"another meteorit uses {self.dir}; pick another redis.data_dir") from None
+        self._lock_fd = fd
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(unix_socket_path=self.socket_path, socket_timeout=1).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def _stop_orphan(self) -> None:
+        """A redis-server left by a master that was killed: we hold the lock, so it is ours."""
+        if not self._answers():
+            return
+        log.warning("stopping an embedded redis left by a previous run")
+        try:
+            redis.Redis(unix_socket_path=self.socket_path, socket_timeout=STOP_TIMEOUT).shutdown()
+        except (redis.RedisError, OSError):
+            pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._answers() and time.monotonic() < deadline:
+            time.sleep(0.05)

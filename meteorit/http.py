@@ -1,0 +1,302 @@
+"""The HTTP/1.1 server protocol of a worker: one asyncio Protocol per connection, on
+httptools.
+
+Owns: parsing (the protocol is its own parser-callback object), keep-alive, in-order
+pipelining, flow control, the request limits (431, 413) and the per-connection timeouts
+(header, body: 408; idle keep-alive: silent close). Must not touch: what a request means
+(the app) or Redis (the writer).
+
+Pipelining: each complete request becomes an `Exchange` appended to `pending`; the app
+may answer exchanges in any order (group commit finishes them in batches), but bytes
+leave strictly in request order. Reading pauses while `max_pipeline` requests wait, while
+the transport's write buffer is full, and once the connection is set to close.
+
+Timeouts are deadlines, not timers: a connection stores one `deadline` and the worker's
+once-a-second tick calls `check_timeout`, which costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import monotonic
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+import httptools
+
+from .response import (CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, JSON_TYPE, build,
+                       error_body)
+
+log = logging.getLogger("meteorit.http")
+
+# Only these request headers are kept; the rest are counted against the limits and dropped.
+KEPT_HEADERS = frozenset((b"content-type", b"content-length", b"content-encoding",
+                          b"authorization", b"x-api-key", b"expect"))
+
+
+class App(Protocol):
+    def dispatch(self, exchange: "Exchange", method: bytes, url: bytes,
+                 headers: dict[bytes, bytes], body: bytes) -> None: ...
+
+
+class _LimitExceeded(Exception):
+    """Raised inside a parser callback to stop parsing; the status is in `protocol.error`."""
+
+
+class ServerState:
+    """What every connection of one worker shares."""
+
+    __slots__ = ("app", "limits", "connections", "stopping", "on_idle")
+
+    def __init__(self, app: App, limits: SimpleNamespace) -> None:
+        self.app = app
+        self.limits = limits
+        self.connections: set[HttpProtocol] = set()
+        self.stopping = False
+        self.on_idle: asyncio.Event | None = None  # set when the last connection goes
+
+    def check_timeouts(self) -> None:
+        now = monotonic()
+        for conn in list(self.connections):
+            conn.check_timeout(now)
+
+
+class Exchange:
+    """One request's place in its connection's response order."""
+
+    __slots__ = ("protocol", "connection", "close_after", "data")
+
+    def __init__(self, protocol: "HttpProtocol", connection: bytes, close_after: bool) -> None:
+        self.protocol = protocol
+        self.connection = connection
+        self.close_after = close_after
+        self.data: bytes | None = None
+
+    def reply(self, status: int, body: bytes, extra: bytes = b"",
+              content_type: bytes = JSON_TYPE) -> None:
+        if self.data is not None:
+            return
+        self.data = build(status, body, self.connection, extra, content_type)
+        protocol = self.protocol
+        if not protocol.closed:
+            protocol.flush()
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        # shared state
+        self.state = state
+        self.limits = state.limits
+        # per connection
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[Exchange] = deque()
+        self.closed = False
+        self.closing = False  # answer what is in hand, then close
+        self.failed = False  # the byte stream is unusable: ignore the rest of it
+        self.in_message = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.deadline = 0.0
+        # per request
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.header_size = 0
+        self.header_count = 0
+        self.error: tuple[int, str] | None = None
+
+    # --- protocol interface
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        connections = self.state.connections
+        if self.state.stopping or len(connections) >= self.limits.max_connections:
+            transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE,
+                                  b"Retry-After: 1\r\n"))
+            self.closed = True
+            transport.close()
+            return
+        connections.add(self)
+        self.deadline = monotonic() + self.limits.keepalive_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        state = self.state
+        state.connections.discard(self)
+        if state.on_idle is not None and not state.connections:
+            state.on_idle.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.failed or self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade is answered; we speak no other protocol.
+            self.closing = True
+            self._update_reading()
+        except httptools.HttpParserError as exc:
+            self._parser_error(exc)
+
+    def eof_received(self) -> bool | None:
+        # The client is done sending; answer what is in hand, then close.
+        self.closing = True
+        if not self.pending and not self.in_message:
+            self.close()
+        return True
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+
+    # --- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _LimitExceeded  # pipelined after a close was decided: ignore the rest
+        self.in_message = True
+        self.url = b""
+        self.headers = {}
+        self.body = []
+        self.body_size = self.header_size = self.header_count = 0
+        self.error = None
+        self.deadline = monotonic() + self.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_size += len(url)
+        if self.header_size > self.limits.max_header_size:
+            self._limit(431, "request line and headers too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.limits
+        self.header_count += 1
+        self.header_size += len(name) + len(value) + 4
+        if self.header_size > limits.max_header_size:
+            self._limit(431, "request line and headers too large")
+        if self.header_count > limits.max_headers:
+            self._limit(431, "too many header fields")
+        name = name.lower()
+        if name in KEPT_HEADERS and name not in self.headers:
+            self.headers[name] = value
+            if name == b"content-length" and value.isdigit() and int(value) > limits.max_body:
+                self._limit(413, f"body over the limit of {limits.max_body} bytes")
+
+    def on_headers_complete(self) -> None:
+        self.deadline = monotonic() + self.limits.body_timeout
+        expect = self.headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and not self.pending:
+            self.transport.write(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body:
+            self._limit(413, f"body over the limit of {self.limits.max_body} bytes")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.deadline = 0.0
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        parser = self.parser
+        keep_alive = parser.should_keep_alive() and not self.closing
+        if keep_alive:
+            connection = b"" if parser.get_http_version() == "1.1" else CONNECTION_KEEP_ALIVE
+        else:
+            connection = CONNECTION_CLOSE
+            self.closing = True
+        exchange = Exchange(self, connection, not keep_alive)
+        self.pending.append(exchange)
+        self.state.app.dispatch(exchange, parser.get_method(), self.url, self.headers, body)
+        if self.pending:
+            self._update_reading()
+
+    # --- responses, flow control, closing
+
+    def flush(self) -> None:
+        """Write every finished response at the head of the queue, in request order."""
+        pending = self.pending
+        while pending and pending[0].data is not None:
+            exchange = pending.popleft()
+            self.transport.write(exchange.data)
+            if exchange.close_after:
+                self.close()
+                return
+        if not pending and not self.in_message:
+            if self.closing:
+                self.close()
+                return
+            self.deadline = monotonic() + self.limits.keepalive_timeout
+        self._update_reading()
+
+    def shutdown(self) -> None:
+        """Graceful stop: finish the request in hand and those waiting, then close."""
+        self.closing = True
+        if not self.pending and not self.in_message:
+            self.close()
+        else:
+            self._update_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.writing_paused:
+                self.transport.abort()  # a client that does not read gets no more grace
+            else:
+                self.transport.close()
+
+    def check_timeout(self, now: float) -> None:
+        if self.deadline and now > self.deadline and not self.closed:
+            if self.in_message:
+                self._fail(408, "request not received in time")
+            else:
+                self.close()
+
+    def _update_reading(self) -> None:
+        if self.closed:
+            return
+        pause = (self.failed or self.writing_paused
+                 or len(self.pending) >= self.limits.max_pipeline
+                 or (self.closing and not self.in_message))
+        if pause != self.reading_paused:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _limit(self, status: int, message: str) -> None:
+        self.error = (status, message)
+        raise _LimitExceeded
+
+    def _parser_error(self, exc: Exception) -> None:
+        if self.error is not None:
+            self._fail(*self.error)
+        elif isinstance(exc, httptools.HttpParserCallbackError):
+            if self.closing:  # a pipelined request after a close was decided
+                self.failed = True
+                self._update_reading()
+                return
+            log.error("request handling failed", exc_info=exc.__context__)
+            self._fail(500, "internal error")
+        else:
+            self._fail(400, f"malformed request: {exc}")
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer `status` after the responses already owed, then close."""
+        self.failed = self.closing = True
+        self.in_message = False
+        self.deadline = 0.0
+        exchange = Exchange(self, CONNECTION_CLOSE, True)
+        self.pending.append(exchange)
+        exchange.reply(status, error_body(message))

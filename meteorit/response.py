@@ -1,0 +1,48 @@
+"""Wire bytes of HTTP/1.1 responses.
+
+Owns: status lines (built once at import), the Date header (refreshed once a second by
+the worker's tick, not per request) and the framing of a response. Must not touch:
+sockets or request handling.
+"""
+
+from __future__ import annotations
+
+import http
+from email.utils import formatdate
+
+import orjson
+
+STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus
+}
+
+CONNECTION_CLOSE = b"Connection: close\r\n"
+CONNECTION_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+JSON_TYPE = b"application/json"
+TEXT_TYPE = b"text/plain; charset=utf-8"
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Clock:
+    """The current Date header value; `tick()` once a second keeps it fresh."""
+
+    date = formatdate(usegmt=True).encode()
+
+    @classmethod
+    def tick(cls) -> None:
+        cls.date = formatdate(usegmt=True).encode()
+
+
+def build(status: int, body: bytes, connection: bytes = b"", extra: bytes = b"",
+          content_type: bytes = JSON_TYPE) -> bytes:
+    """A whole response. `connection` is b"" (HTTP/1.1 keep-alive), CONNECTION_CLOSE or
+    CONNECTION_KEEP_ALIVE (HTTP/1.0 keep-alive); `extra` is more header lines."""
+    return b"%sServer: meteorit\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
+        STATUS_LINES[status], Clock.date, content_type, len(body), connection, extra, body)
+
+
+def error_body(message: str, index: int | None = None) -> bytes:
+    if index is None:
+        return orjson.dumps({"error": message})
+    return orjson.dumps({"error": message, "index": index})

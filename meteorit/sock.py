@@ -1,0 +1,61 @@
+"""Listening sockets: bound once by the master before fork, shared by every worker.
+
+Owns: turning `server.listen` addresses into bound, listening, non-blocking sockets.
+Must not touch: accepting connections (the workers do that).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from .config import parse_listen_address
+from .errors import MeteoritError
+
+
+def bind(address: str, backlog: int) -> socket.socket:
+    family, where = parse_listen_address(address)
+    if family == "unix":
+        _remove_stale_unix_socket(where)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(where)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise MeteoritError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def bind_all(addresses: list[str], backlog: int) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(bind(address, backlog))
+    except MeteoritError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    host, port = name[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """A socket file left by a previous run would make bind() fail; remove only sockets."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

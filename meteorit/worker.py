@@ -1,0 +1,152 @@
+"""A worker process: one uvloop event loop serving HTTP on the shared listening sockets.
+
+Owns: everything a worker does after fork: resetting the signals it inherited, building
+its own loop (never the master's), the HTTP servers, the Redis writer, the once-a-second
+tick (Date header, timeouts, orphan check) and its graceful and fast stops.
+Must not touch: forking (workers never fork), other workers, the master's state.
+
+The constructor runs in the master before fork and only stores its arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import socket
+
+import uvloop
+
+from . import log as logsetup
+from .app import EventsApp
+from .config import Config
+from .http import HttpProtocol, ServerState
+from .response import Clock
+from .writer import RedisWriter
+
+log = logging.getLogger("meteorit.worker")
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # the master halts instead of respawning a worker that cannot boot
+
+TICK = 1.0  # seconds: Date header, timeout sweep, orphan check
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT) + IGNORED_SIGNALS
+
+
+class Worker:
+    def __init__(self, slot: int, config: Config, sockets: list[socket.socket], redis_url: str,
+                 master_pid: int, close_fds: tuple[int, ...] = ()) -> None:
+        self.slot = slot
+        self.config = config
+        self.sockets = sockets
+        self.redis_url = redis_url
+        self.master_pid = master_pid
+        self.close_fds = close_fds
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.state: ServerState | None = None
+        self.writer: RedisWriter | None = None
+
+    def run(self) -> int:
+        """The body of the child process; returns its exit code."""
+        logsetup.set_role("worker", slot=self.slot)
+        try:
+            self._boot()
+        except Exception as exc:
+            log.exception("worker failed to boot: %s", exc)
+            return EXIT_BOOT_ERROR
+        assert self.loop is not None and self.writer is not None
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.writer.close())
+            self.loop.close()
+        log.info("worker exits")
+        return EXIT_OK
+
+    def _boot(self) -> None:
+        self._reset_inherited_state()
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        cfg = self.config
+        self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
+                                  cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
+                                  cfg.redis.max_pending_bytes)
+        self.state = state = ServerState(EventsApp(cfg, self.writer), cfg.limits)
+        for sock in self.sockets:
+            server = loop.run_until_complete(loop.create_server(
+                lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog))
+            self.servers.append(server)
+        loop.run_until_complete(self.writer.start())
+        loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
+        loop.add_signal_handler(signal.SIGTERM, self.handle_term)
+        loop.add_signal_handler(signal.SIGINT, self.handle_term)
+        loop.call_later(TICK, self._tick)
+        gc.freeze()  # boot-time objects never need collecting: keep them out of every GC pass
+        log.info("worker serving", extra={"redis_ready": self.writer.ready})
+
+    def _reset_inherited_state(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in MASTER_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN if sig in IGNORED_SIGNALS else signal.SIG_DFL)
+        for fd in self.close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # --- signals
+
+    def handle_quit(self) -> None:
+        """Graceful stop: stop accepting, finish in-flight requests, flush, exit."""
+        if not self.stopping:
+            self.stopping = True
+            log.info("graceful stop")
+            assert self.loop is not None
+            self.loop.create_task(self._graceful_stop())
+
+    def handle_term(self) -> None:
+        """Fast stop: close everything now; requests not yet answered get no 202."""
+        assert self.loop is not None and self.state is not None
+        self.stopping = True
+        log.info("fast stop")
+        self._stop_accepting()
+        for conn in list(self.state.connections):
+            conn.transport.abort()
+        self.loop.stop()
+
+    async def _graceful_stop(self) -> None:
+        assert self.loop is not None and self.state is not None and self.writer is not None
+        deadline = self.loop.time() + self.config.server.graceful_timeout
+        self._stop_accepting()
+        state = self.state
+        state.on_idle = asyncio.Event()
+        for conn in list(state.connections):
+            conn.shutdown()
+        if state.connections:
+            try:
+                await asyncio.wait_for(state.on_idle.wait(), deadline - self.loop.time())
+            except asyncio.TimeoutError:
+                log.warning("%d connections still open at the graceful deadline", len(state.connections))
+        await self.writer.drain(max(0.1, deadline - self.loop.time()))
+        self.loop.stop()
+
+    def _stop_accepting(self) -> None:
+        assert self.state is not None
+        self.state.stopping = True
+        for server in self.servers:
+            server.close()
+
+    def _tick(self) -> None:
+        assert self.loop is not None and self.state is not None
+        Clock.tick()
+        self.state.check_timeouts()
+        if os.getppid() != self.master_pid and not self.stopping:
+            log.error("master %d is gone; stopping", self.master_pid)
+            self.handle_quit()
+        self.loop.call_later(TICK, self._tick)
+
