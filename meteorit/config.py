@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
+from redis.connection import parse_url as parse_redis_url
+
 from .errors import ConfigError
 
 EMBEDDED = "embedded"
@@ -97,9 +99,15 @@ def parse_listen_address(address: Any) -> tuple[str, Any]:
 
 def redis_url(value: Any) -> str:
     value = non_empty_str(value)
-    if value == EMBEDDED or value.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    if value == EMBEDDED:
         return value
-    raise ValueError(f"must be \"embedded\" or a redis://, rediss:// or unix:// URL, got {value!r}")
+    if value.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must be \"embedded\" or a redis://, rediss:// or unix:// URL, got {value!r}")
+    try:
+        parse_redis_url(value)  # the parser the workers will use, so -t catches what they would
+    except ValueError as exc:
+        raise ValueError(f"bad Redis URL {value!r}: {exc}") from None
+    return value
 
 
 def api_keys(value: Any) -> list[str]:

@@ -2,7 +2,7 @@
 `redis.url = "embedded"`, so a fresh machine needs no Redis set-up of its own.
 
 Owns: the data directory (`redis.data_dir`: redis.conf, appendonly AOF files, redis.sock,
-redis.log, meteorit.lock), starting redis-server in its own session (a Ctrl-C or a group
+redis.log, redis.pid, meteorit.lock), starting redis-server in its own session (a Ctrl-C or a group
 signal reaches only the master, which stops Redis last, after the workers flushed) and
 stopping it. Must not touch: the queue's contents.
 
@@ -38,6 +38,7 @@ appendfsync everysec
 save ""
 daemonize no
 logfile {dir}/redis.log
+pidfile {dir}/redis.pid
 """
 
 

@@ -50,6 +50,7 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         self.state: ServerState | None = None
         self.writer: RedisWriter | None = None
+        self.app: EventsApp | None = None
 
     def run(self) -> int:
         """The body of the child process; returns its exit code."""
@@ -65,8 +66,16 @@ class Worker:
         finally:
             self.loop.run_until_complete(self.writer.close())
             self.loop.close()
-        log.info("worker exits")
+        log.info("worker exits", extra=self._totals())
         return EXIT_OK
+
+    def _totals(self) -> dict[str, object]:
+        """What this worker did, for its last log line (benchmarks and chaos tests read it)."""
+        assert self.app is not None and self.writer is not None
+        app = self.app
+        return {"events_accepted": app.events_accepted,
+                "requests": {str(k): v for k, v in sorted(app.statuses.items())},
+                "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors}
 
     def _boot(self) -> None:
         self._reset_inherited_state()
@@ -76,7 +85,8 @@ class Worker:
         self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
                                   cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
                                   cfg.redis.max_pending_bytes)
-        self.state = state = ServerState(EventsApp(cfg, self.writer), cfg.limits)
+        self.app = EventsApp(cfg, self.writer)
+        self.state = state = ServerState(self.app, cfg.limits)
         for sock in self.sockets:
             server = loop.run_until_complete(loop.create_server(
                 lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog))
