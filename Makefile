@@ -1,0 +1,32 @@
+# Two commands set up a fresh machine (see README.md): `make run` and `make test`.
+# Both install what is missing first: redis-server (and wrk) with apt-get, the package
+# and its test extra in a virtual environment under .venv.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSTEM_PACKAGES := redis-server wrk  # each package installs a command of the same name
+
+.PHONY: run test bench system-deps
+
+run: $(VENV)/.installed system-deps
+	$(VENV)/bin/meteorit -c conf/meteorit.toml
+
+test: $(VENV)/.installed system-deps
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed system-deps
+	$(PY) bin/meteorit-bench
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt-get"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
