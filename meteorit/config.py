@@ -49,7 +49,7 @@ def non_negative_int(value: Any) -> int:
 
 
 def positive_seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # nan too
         raise ValueError(f"must be a positive number of seconds, got {value!r}")
     return float(value)
 
@@ -94,6 +94,8 @@ def parse_listen_address(address: Any) -> tuple[str, Any]:
         raise ValueError(f"bad listen address {address!r}: expected HOST:PORT, [V6]:PORT or unix:/path")
     if host.startswith("[") and host.endswith("]"):
         return "inet6", (host[1:-1], int(port))
+    if ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"bad listen address {address!r}: write an IPv6 address as [V6]:PORT")
     return "inet", (host or "0.0.0.0", int(port))
 
 

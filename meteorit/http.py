@@ -97,6 +97,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False  # answer what is in hand, then close
         self.failed = False  # the byte stream is unusable: ignore the rest of it
         self.in_message = False
+        self.in_headers = False
+        self.header_bytes = 0  # bytes received while the headers are incomplete
         self.reading_paused = False
         self.writing_paused = False
         self.deadline = 0.0
@@ -134,6 +136,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failed or self.closed:
             return
+        was_in_headers = self.in_headers
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -142,6 +145,13 @@ class HttpProtocol(asyncio.Protocol):
             self._update_reading()
         except httptools.HttpParserError as exc:
             self._parser_error(exc)
+        else:
+            # httptools calls on_header only once a line ends: a header line that never
+            # ends would grow unseen, so count raw bytes until the headers are complete.
+            if was_in_headers and self.in_headers:
+                self.header_bytes += len(data)
+                if self.header_bytes > self.limits.max_header_size:
+                    self._fail(431, "request line and headers too large")
 
     def eof_received(self) -> bool | None:
         # The client is done sending; answer what is in hand, then close.
@@ -163,7 +173,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.closing:
             raise _LimitExceeded  # pipelined after a close was decided: ignore the rest
-        self.in_message = True
+        self.in_message = self.in_headers = True
+        self.header_bytes = 0
         self.url = b""
         self.headers = {}
         self.body = []
@@ -192,6 +203,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._limit(413, f"body over the limit of {limits.max_body} bytes")
 
     def on_headers_complete(self) -> None:
+        self.in_headers = False
         self.deadline = monotonic() + self.limits.body_timeout
         expect = self.headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not self.pending:
@@ -244,8 +256,11 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = True
         if not self.pending and not self.in_message:
             self.close()
-        else:
-            self._update_reading()
+            return
+        last = self.pending[-1] if self.pending and not self.in_message else None
+        if last is not None and last.data is None:
+            last.connection, last.close_after = CONNECTION_CLOSE, True  # tell the client
+        self._update_reading()
 
     def close(self) -> None:
         if not self.closed:

@@ -1,0 +1,276 @@
+"""Config: defaults, the TOML file, environment and command-line overrides, and every
+rejection naming its key; plus `meteorit -t` as an operator runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from meteorit.config import load, parse_listen_address, size
+from meteorit.errors import ConfigError
+
+WriteConfig = Callable[[str], str]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> WriteConfig:
+    """Writes TOML text to a file and returns its path."""
+    def write(text: str) -> str:
+        path = tmp_path / "meteorit.toml"
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+def error_of(*args: Any, **kwargs: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(*args, **kwargs)
+    return info.value
+
+
+# --- defaults and the file
+
+
+def test_defaults_load_without_a_file() -> None:
+    cfg = load(env={})
+    assert cfg.path is None
+    assert cfg.server.listen == ["127.0.0.1:8080"]
+    assert cfg.server.workers == 0
+    assert cfg.redis.url == "embedded" and cfg.embedded_redis
+    assert cfg.redis.batch_max_bytes == 4 * 1024 * 1024
+    assert cfg.limits.max_body == 1024 * 1024
+    assert cfg.limits.max_event_size == 64 * 1024
+    assert cfg.limits.max_header_size == 16 * 1024
+    assert (cfg.limits.header_timeout, cfg.limits.keepalive_timeout) == (10.0, 75.0)
+    assert cfg.auth.keys == []
+    assert (cfg.log.level, cfg.log.format) == ("info", "json")
+
+
+def test_a_toml_file_is_read(write_config: WriteConfig) -> None:
+    path = write_config(
+        '[server]\nlisten = ["0.0.0.0:9000", "unix:/run/m.sock"]\nworkers = 3\n'
+        '[redis]\nurl = "redis://127.0.0.1:6380/2"\nqueue = "q"\n'
+        '[auth]\nkeys = ["k1", "k2"]\n'
+        '[limits]\nmax_body = "64KiB"\nheader_timeout = 2\n'
+        '[log]\nlevel = "debug"\n')
+    cfg = load(path, env={})
+    assert cfg.path == path
+    assert cfg.server.listen == ["0.0.0.0:9000", "unix:/run/m.sock"]
+    assert cfg.server.workers == 3 and cfg.worker_count == 3
+    assert cfg.redis.url == "redis://127.0.0.1:6380/2" and not cfg.embedded_redis
+    assert cfg.redis.queue == "q"
+    assert cfg.auth.keys == ["k1", "k2"]
+    assert cfg.limits.max_body == 65536
+    assert cfg.limits.header_timeout == 2.0
+    assert cfg.log.level == "debug"
+    assert cfg.limits.max_pipeline == 32  # untouched keys keep their defaults
+
+
+def test_the_version_changes_with_the_settings(write_config: WriteConfig) -> None:
+    assert load(env={}).version == load(env={}).version
+    assert load(env={}).version != load(write_config("[server]\nworkers = 3\n"), env={}).version
+
+
+@pytest.mark.parametrize("text, key, reason", [
+    ("[servr]\nworkers = 2\n", "servr", "unknown section"),
+    ("[limits]\nmax_bdy = 10\n", "limits.max_bdy", "unknown key"),
+    ("[log]\nlevel = \"info\"\ncolour = true\n", "log.colour", "unknown key"),
+    ("server = 5\n", "server", "must be a table"),
+    ("[server\nworkers = 2\n", "config", "not valid TOML"),
+])
+def test_file_errors_name_the_key(write_config: WriteConfig, text: str, key: str, reason: str) -> None:
+    error = error_of(write_config(text), env={})
+    assert error.key == key
+    assert reason in error.reason
+    assert str(error).startswith(f"{key}: ")
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    error = error_of(str(tmp_path / "nope.toml"), env={})
+    assert error.key == "config" and "file not found" in error.reason
+
+
+# --- every parser rejects bad values, naming the key
+
+
+@pytest.mark.parametrize("key, toml_value", [
+    ("server.listen", "[]"),
+    ("server.listen", '"localhost"'),
+    ("server.listen", '["127.0.0.1:8080", "127.0.0.1:http"]'),
+    ("server.listen", "8080"),
+    ("server.workers", "-1"),
+    ("server.workers", '"many"'),
+    ("server.workers", "2.5"),
+    ("server.workers", "true"),
+    ("server.backlog", "0"),
+    ("server.backlog", '"2048"'),
+    ("server.graceful_timeout", "0"),
+    ("server.graceful_timeout", "-5.0"),
+    ("server.graceful_timeout", '"30s"'),
+    ("server.graceful_timeout", "nan"),
+    ("redis.url", '""'),
+    ("redis.url", '"http://127.0.0.1:6379"'),
+    ("redis.url", '"redis://127.0.0.1:port/0"'),
+    ("redis.url", "6379"),
+    ("redis.queue", '""'),
+    ("redis.timeout", "false"),
+    ("redis.batch_max_events", "0"),
+    ("redis.batch_max_bytes", '"4 lots"'),
+    ("redis.max_pending_bytes", '"-1MiB"'),
+    ("redis.data_dir", "[]"),
+    ("redis.server_binary", '""'),
+    ("auth.keys", '"secret"'),
+    ("auth.keys", '["ok", ""]'),
+    ("auth.keys", "[1, 2]"),
+    ("limits.max_body", '"lots"'),
+    ("limits.max_body", '"1.5MiB"'),
+    ("limits.max_body", "0"),
+    ("limits.max_body", "true"),
+    ("limits.max_body", "1.5"),
+    ("limits.max_event_size", '"0KiB"'),
+    ("limits.max_events_per_request", '"1000"'),
+    ("limits.max_header_size", "-16384"),
+    ("limits.max_headers", "0"),
+    ("limits.max_pipeline", "1.5"),
+    ("limits.max_connections", "0"),
+    ("limits.header_timeout", '"10s"'),
+    ("limits.header_timeout", "nan"),
+    ("limits.body_timeout", "-1"),
+    ("limits.keepalive_timeout", "0.0"),
+    ("log.level", '"verbose"'),
+    ("log.level", '"INFO"'),
+    ("log.format", '"xml"'),
+])
+def test_a_bad_value_is_rejected_naming_its_key(write_config: WriteConfig, key: str, toml_value: str) -> None:
+    section, name = key.split(".")
+    error = error_of(write_config(f"[{section}]\n{name} = {toml_value}\n"), env={})
+    assert error.key == key
+    assert str(error).startswith(f"{key}: must be") or str(error).startswith(f"{key}: bad")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("65536", 65536), ("512b", 512), ("64KiB", 65536), ("64kb", 65536), ("2k", 2048),
+    ("1MiB", 1 << 20), (" 4 MiB ", 4 << 20), ("1m", 1 << 20), ("1GiB", 1 << 30),
+])
+def test_sizes_take_bytes_or_binary_units(text: str, expected: int) -> None:
+    assert size(text) == expected
+
+
+def test_sizes_in_the_file_take_units(write_config: WriteConfig) -> None:
+    cfg = load(write_config('[limits]\nmax_body = "1MiB"\nmax_event_size = "64KiB"\nmax_header_size = 8192\n'),
+               env={})
+    assert (cfg.limits.max_body, cfg.limits.max_event_size, cfg.limits.max_header_size) == (
+        1 << 20, 65536, 8192)
+
+
+# --- environment and command-line overrides
+
+
+def test_environment_overrides() -> None:
+    cfg = load(env={"METEORIT_LISTEN": "127.0.0.1:9000, [::1]:9001,unix:/tmp/m.sock",
+                    "METEORIT_WORKERS": "3", "METEORIT_REDIS_URL": "redis://10.0.0.1:6379/1"})
+    assert cfg.server.listen == ["127.0.0.1:9000", "[::1]:9001", "unix:/tmp/m.sock"]
+    assert cfg.server.workers == 3
+    assert cfg.redis.url == "redis://10.0.0.1:6379/1"
+
+
+def test_empty_environment_variables_are_ignored() -> None:
+    cfg = load(env={"METEORIT_LISTEN": "", "METEORIT_WORKERS": "", "METEORIT_REDIS_URL": ""})
+    assert (cfg.server.listen, cfg.server.workers, cfg.redis.url) == (["127.0.0.1:8080"], 0, "embedded")
+
+
+def test_other_environment_variables_are_ignored() -> None:
+    assert load(env={"METEORIT_MAX_BODY": "1", "METEORIT_QUEUE": "x"}).redis.queue == "meteorit:events"
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"METEORIT_WORKERS": "four"}, "server.workers"),
+    ({"METEORIT_WORKERS": "-2"}, "server.workers"),
+    ({"METEORIT_LISTEN": "127.0.0.1"}, "server.listen"),
+    ({"METEORIT_LISTEN": " , "}, "server.listen"),
+    ({"METEORIT_REDIS_URL": "localhost:6379"}, "redis.url"),
+])
+def test_a_bad_environment_value_names_the_key(env: dict[str, str], key: str) -> None:
+    assert error_of(env=env).key == key
+
+
+def test_overrides_beat_environment_beat_file(write_config: WriteConfig) -> None:
+    path = write_config('[server]\nworkers = 2\nlisten = ["127.0.0.1:7000"]\n[redis]\nurl = "redis://file:1/0"\n')
+    env = {"METEORIT_WORKERS": "3", "METEORIT_REDIS_URL": "redis://env:1/0"}
+    overrides = {"server.workers": 4, "server.listen": None, "redis.url": None}  # None: flag not given
+    assert load(path, env={}).server.workers == 2
+    from_env = load(path, env=env)
+    assert (from_env.server.workers, from_env.redis.url) == (3, "redis://env:1/0")
+    overridden = load(path, env=env, overrides=overrides)
+    assert (overridden.server.workers, overridden.redis.url) == (4, "redis://env:1/0")
+    assert overridden.server.listen == ["127.0.0.1:7000"]
+
+
+def test_a_bad_override_names_the_key() -> None:
+    assert error_of(env={}, overrides={"server.listen": ["nowhere"]}).key == "server.listen"
+
+
+def test_workers_0_means_one_per_cpu() -> None:
+    assert load(env={"METEORIT_WORKERS": "0"}).worker_count == os.cpu_count()
+    assert load(env={}, overrides={"server.workers": 5}).worker_count == 5
+
+
+# --- listen addresses
+
+
+@pytest.mark.parametrize("address, parsed", [
+    ("127.0.0.1:8080", ("inet", ("127.0.0.1", 8080))),
+    ("localhost:80", ("inet", ("localhost", 80))),
+    (":8080", ("inet", ("0.0.0.0", 8080))),
+    ("0.0.0.0:65535", ("inet", ("0.0.0.0", 65535))),
+    ("[::1]:8080", ("inet6", ("::1", 8080))),
+    ("[::]:9000", ("inet6", ("::", 9000))),
+    ("unix:/run/meteorit.sock", ("unix", "/run/meteorit.sock")),
+    ("unix:relative.sock", ("unix", "relative.sock")),
+])
+def test_listen_addresses_parse(address: str, parsed: tuple[str, Any]) -> None:
+    assert parse_listen_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", [
+    "", "8080", "localhost", "localhost:", "localhost:http", "localhost:-1", "localhost:65536",
+    "[::1]", "[::1]:", "unix:", "::1:8080", "[::1:8080",
+])
+def test_bad_listen_addresses_are_rejected(address: str) -> None:
+    with pytest.raises(ValueError, match="listen address"):
+        parse_listen_address(address)
+    assert error_of(env={"METEORIT_LISTEN": address or ","}).key == "server.listen"
+
+
+# --- the real command line: meteorit -t
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_check(path: str) -> subprocess.CompletedProcess[str]:
+    """`meteorit -t -c PATH` as the console script runs it, on this checkout's code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METEORIT_")}
+    return subprocess.run([sys.executable, "-m", "meteorit.cli", "-t", "-c", path], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_meteorit_t_accepts_a_valid_file(write_config: WriteConfig) -> None:
+    path = write_config('[limits]\nmax_body = "2MiB"\n')
+    result = run_check(path)
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout and path in result.stdout
+
+
+def test_meteorit_t_rejects_a_bad_file_naming_the_key_and_the_reason(write_config: WriteConfig) -> None:
+    result = run_check(write_config('[limits]\nmax_body = "lots"\n'))
+    assert result.returncode == 1
+    assert "limits.max_body" in result.stderr
+    assert "must be a size" in result.stderr and "'lots'" in result.stderr
+    assert result.stdout == ""
+

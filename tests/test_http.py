@@ -1,0 +1,587 @@
+"""HttpProtocol without sockets: a fake transport records what the protocol writes and how
+it drives reading; a fake app answers at once or holds exchanges to answer later, in any
+order. Assertions are on the bytes a client would read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from time import monotonic
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meteorit.http import Exchange, HttpProtocol, ServerState
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def make_limits(**overrides: Any) -> SimpleNamespace:
+    limits = dict(max_header_size=1024, max_headers=10, max_body=100, max_pipeline=4,
+                  max_connections=8, header_timeout=10.0, body_timeout=30.0, keepalive_timeout=75.0)
+    limits.update(overrides)
+    return SimpleNamespace(**limits)
+
+
+# --- fakes at the OS boundary
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.data = b""
+        self.calls: list[str] = []  # pause_reading, resume_reading, close, abort
+        self.closed = False
+        self.writes_after_close = 0
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            self.writes_after_close += 1
+        self.data += data
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closed = True
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    @property
+    def reading(self) -> bool:
+        """False while the last pause_reading has not been undone."""
+        flow = [c for c in self.calls if c.endswith("_reading")]
+        return not flow or flow[-1] == "resume_reading"
+
+
+@dataclass
+class Request:
+    method: bytes
+    url: bytes
+    headers: dict[bytes, bytes]
+    body: bytes
+
+
+class FakeApp:
+    """Answers 200 with the request's url as the body, at once or when told to."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.requests: list[Request] = []
+        self.held: list[Exchange] = []
+
+    def dispatch(self, exchange: Exchange, method: bytes, url: bytes,
+                 headers: dict[bytes, bytes], body: bytes) -> None:
+        self.requests.append(Request(method, url, dict(headers), body))
+        if self.hold:
+            self.held.append(exchange)
+        else:
+            exchange.reply(200, url)
+
+    def answer(self, index: int, status: int = 200) -> None:
+        self.held[index].reply(status, self.requests[index].url)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Split the bytes written into whole responses; fail on anything left over."""
+    responses = []
+    while data:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete response head: {head!r}"
+        status_line, *lines = head.decode().split("\r\n")
+        version, status, _ = status_line.split(" ", 2)
+        assert version == "HTTP/1.1"
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        assert len(data) >= length, "body shorter than its Content-Length"
+        responses.append(Response(int(status), headers, data[:length]))
+        data = data[length:]
+    return responses
+
+
+class Client:
+    """One connection: what the peer sends in, what it reads back."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.transport = FakeTransport()
+        self.protocol = HttpProtocol(state)
+        self.protocol.connection_made(self.transport)
+
+    def send(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.protocol.data_received(chunk)
+
+    @property
+    def responses(self) -> list[Response]:
+        return parse_responses(self.transport.data)
+
+    @property
+    def statuses(self) -> list[int]:
+        return [r.status for r in self.responses]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.closed
+
+
+def post(body: bytes = b'{"type":"click"}', url: bytes = b"/v1/events", extra: bytes = b"",
+         version: bytes = b"1.1") -> bytes:
+    return (b"POST %s HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (url, version, len(body), extra, body))
+
+
+def get(url: bytes = b"/healthz", extra: bytes = b"", version: bytes = b"1.1") -> bytes:
+    return b"GET %s HTTP/%s\r\nHost: t\r\n%s\r\n" % (url, version, extra)
+
+
+def chunked_post(chunks: list[bytes], url: bytes = b"/v1/events") -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-ndjson\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%s" % (url, body))
+
+
+@dataclass
+class Server:
+    app: FakeApp
+    state: ServerState
+    clients: list[Client] = field(default_factory=list)
+
+    def connect(self) -> Client:
+        client = Client(self.state)
+        self.clients.append(client)
+        return client
+
+
+def make_server(hold: bool = False, **limits: Any) -> Server:
+    app = FakeApp(hold)
+    return Server(app, ServerState(app, make_limits(**limits)))
+
+
+def serve(hold: bool) -> Iterator[Server]:
+    s = make_server(hold)
+    yield s
+    # asyncio drops writes to a closing transport: whatever is written then is lost
+    assert [c.transport.writes_after_close for c in s.clients] == [0] * len(s.clients)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A server whose app answers every request at once."""
+    yield from serve(hold=False)
+
+
+@pytest.fixture
+def holding() -> Iterator[Server]:
+    """A server whose app answers only when the test says so."""
+    yield from serve(hold=True)
+
+
+# --- parsing: what the app receives does not depend on how the bytes arrive
+
+BODY = b'{"type":"click","page":"/a?b=c"}'
+REQUEST = post(BODY, url=b"/v1/events?source=web",
+               extra=b"X-Api-Key: k1\r\nUser-Agent: test\r\nAuthorization: Bearer t\r\n")
+EXPECTED = Request(b"POST", b"/v1/events?source=web", {
+    b"content-type": b"application/json", b"content-length": b"%d" % len(BODY),
+    b"x-api-key": b"k1", b"authorization": b"Bearer t"}, BODY)
+
+
+def test_app_receives_method_url_kept_headers_and_body(server: Server) -> None:
+    client = server.connect()
+    client.send(REQUEST)
+    assert server.app.requests == [EXPECTED]  # Host and User-Agent are not kept
+    assert client.statuses == [200]
+    assert client.responses[0].body == b"/v1/events?source=web"
+
+
+def test_a_post_split_at_every_byte_boundary_reaches_the_app_unchanged() -> None:
+    for cut in range(1, len(REQUEST)):
+        s = make_server()
+        client = s.connect()
+        client.send(REQUEST[:cut], REQUEST[cut:])
+        assert s.app.requests == [EXPECTED], f"split at {cut}"
+        assert client.statuses == [200], f"split at {cut}"
+
+
+def test_a_post_fed_one_byte_at_a_time_reaches_the_app_unchanged(server: Server) -> None:
+    client = server.connect()
+    client.send(*(REQUEST[i:i + 1] for i in range(len(REQUEST))))
+    assert server.app.requests == [EXPECTED]
+    assert client.statuses == [200]
+
+
+def test_a_chunked_body_split_at_every_byte_boundary_is_joined() -> None:
+    data = chunked_post([b'{"type":"a"}\n', b'{"type":"b"}\n'])
+    for cut in range(1, len(data)):
+        s = make_server()
+        s.connect().send(data[:cut], data[cut:])
+        assert [r.body for r in s.app.requests] == [b'{"type":"a"}\n{"type":"b"}\n'], f"split at {cut}"
+
+
+PIPELINE = [post(b'{"type":"a"}', url=b"/1"), get(b"/2"), chunked_post([b"x" * 7, b"y"], url=b"/3"),
+            post(b"", url=b"/4")]
+
+
+@settings(max_examples=300)
+@given(st.sets(st.integers(1, len(b"".join(PIPELINE)) - 1), max_size=40))
+def test_pipelined_requests_in_any_chunking_reach_the_app_in_order(cuts: set[int]) -> None:
+    data = b"".join(PIPELINE)
+    bounds = [0, *sorted(cuts), len(data)]
+    s = make_server()
+    client = s.connect()
+    client.send(*(data[a:b] for a, b in zip(bounds, bounds[1:])))
+    assert [(r.method, r.url, r.body) for r in s.app.requests] == [
+        (b"POST", b"/1", b'{"type":"a"}'), (b"GET", b"/2", b""), (b"POST", b"/3", b"xxxxxxxy"),
+        (b"POST", b"/4", b"")]
+    assert [r.body for r in client.responses] == [b"/1", b"/2", b"/3", b"/4"]
+    assert not client.closed
+
+
+# --- pipelining and flow control
+
+
+def test_pipelined_answers_given_out_of_order_are_written_in_request_order(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1") + get(b"/2") + get(b"/3"))
+    app = holding.app
+    assert len(app.held) == 3
+    app.answer(2)
+    assert client.transport.data == b""  # /3 is done but /1 and /2 are owed first
+    app.answer(0)
+    assert [r.body for r in client.responses] == [b"/1"]
+    app.answer(1)
+    assert [r.body for r in client.responses] == [b"/1", b"/2", b"/3"]
+    assert not client.closed
+
+
+def test_an_exchange_answered_twice_keeps_its_first_answer(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1") + get(b"/2"))
+    holding.app.answer(1)
+    holding.app.answer(1, status=500)  # while it waits behind /1
+    holding.app.answer(0)
+    holding.app.answer(0, status=500)  # after it was written
+    assert client.statuses == [200, 200]
+
+
+def test_reading_pauses_while_max_pipeline_requests_wait_and_resumes_when_answered() -> None:
+    s = make_server(hold=True, max_pipeline=2)
+    client = s.connect()
+    client.send(get(b"/1"))
+    assert client.transport.reading
+    client.send(get(b"/2"))
+    assert not client.transport.reading
+    s.app.answer(0)
+    assert client.transport.reading
+    assert client.transport.calls == ["pause_reading", "resume_reading"]
+
+
+def test_pause_writing_pauses_reading_until_resume_writing(server: Server) -> None:
+    client = server.connect()
+    client.protocol.pause_writing()
+    assert not client.transport.reading
+    client.protocol.pause_writing()  # idempotent: no second pause_reading
+    client.protocol.resume_writing()
+    assert client.transport.reading
+    assert client.transport.calls == ["pause_reading", "resume_reading"]
+
+
+def test_resume_writing_keeps_reading_paused_while_the_pipeline_is_full() -> None:
+    s = make_server(hold=True, max_pipeline=1)
+    client = s.connect()
+    client.protocol.pause_writing()
+    client.send(get(b"/1"))
+    client.protocol.resume_writing()
+    assert not client.transport.reading
+    s.app.answer(0)
+    assert client.transport.reading
+
+
+def test_a_client_that_does_not_read_is_aborted_not_closed_gracefully(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1", extra=b"Connection: close\r\n"))
+    client.protocol.pause_writing()
+    holding.app.answer(0)
+    assert "abort" in client.transport.calls and "close" not in client.transport.calls
+
+
+# --- keep-alive and Connection
+
+
+def test_http11_keeps_the_connection_open_without_a_connection_header(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/1"))
+    client.send(get(b"/2"))
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [(200, None), (200, None)]
+    assert not client.closed
+
+
+def test_connection_close_is_answered_with_close_and_later_requests_are_ignored(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/1", extra=b"Connection: close\r\n") + get(b"/2"))
+    assert [r.url for r in server.app.requests] == [b"/1"]
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [(200, "close")]
+    assert client.closed
+
+
+def test_http10_without_keep_alive_is_answered_with_close(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/1", version=b"1.0"))
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [(200, "close")]
+    assert client.closed
+
+
+def test_http10_keep_alive_is_answered_with_keep_alive_and_stays_open(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/1", version=b"1.0", extra=b"Connection: keep-alive\r\n"))
+    client.send(get(b"/2", version=b"1.0", extra=b"Connection: keep-alive\r\n"))
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [
+        (200, "keep-alive"), (200, "keep-alive")]
+    assert not client.closed
+
+
+def test_client_eof_closes_after_the_owed_answers(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1"))
+    client.protocol.eof_received()
+    assert not client.closed
+    holding.app.answer(0)
+    assert client.statuses == [200]
+    assert client.closed
+
+
+def test_a_reply_after_the_client_went_away_writes_nothing(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1"))
+    client.transport.close()
+    client.protocol.connection_lost(None)
+    holding.app.answer(0)
+    assert client.transport.data == b""
+    assert holding.state.connections == set()
+
+
+# --- bad requests and limits
+
+
+def test_a_malformed_request_gets_400_then_close_after_the_earlier_pipelined_answers(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1") + b"NOT HTTP AT ALL\r\n\r\n")
+    assert client.transport.data == b"" and not client.closed  # /1 is still owed
+    assert not client.transport.reading
+    holding.app.answer(0)
+    responses = client.responses
+    assert [(r.status, r.headers.get("connection")) for r in responses] == [(200, None), (400, "close")]
+    assert b"malformed request" in responses[1].body
+    assert client.closed
+    client.send(get(b"/ignored"))
+    assert [r.url for r in holding.app.requests] == [b"/1"]
+
+
+def test_headers_over_max_header_size_get_431(server: Server) -> None:
+    client = server.connect()
+    client.send(get(extra=b"X-Big: %s\r\n" % (b"a" * 1100)))
+    assert client.statuses == [431]
+    assert client.responses[0].headers["connection"] == "close"
+    assert client.closed and server.app.requests == []
+
+
+def test_a_url_over_max_header_size_gets_431(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/" + b"a" * 1100))
+    assert client.statuses == [431] and client.closed
+
+
+def test_a_header_line_that_never_ends_gets_431_once_over_the_limit(server: Server) -> None:
+    # The limit must bound what is buffered, not only what has been parsed: a header
+    # value that keeps growing without its CRLF must not be held until the timeout.
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nX-Big: ")
+    client.send(*[b"a" * 512] * 8)  # 4 KiB, four times max_header_size
+    assert client.statuses == [431]
+    assert client.closed
+
+
+def test_too_many_header_fields_get_431(server: Server) -> None:
+    client = server.connect()
+    client.send(get(extra=b"".join(b"X-H%d: v\r\n" % i for i in range(10))))  # 11 with Host
+    assert client.statuses == [431]
+    assert b"too many header fields" in client.responses[0].body
+    assert client.closed
+
+
+def test_max_headers_header_fields_are_accepted(server: Server) -> None:
+    client = server.connect()
+    client.send(get(extra=b"".join(b"X-H%d: v\r\n" % i for i in range(9))))  # 10 with Host
+    assert client.statuses == [200]
+
+
+def test_content_length_over_max_body_gets_413_without_waiting_for_the_body(server: Server) -> None:
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nContent-Length: 101\r\nHost: t\r\n\r\n")
+    assert client.statuses == [413]
+    assert client.responses[0].headers["connection"] == "close"
+    assert client.closed and server.app.requests == []
+
+
+def test_expect_100_continue_with_a_too_large_body_gets_413_and_no_interim_response(server: Server) -> None:
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 500\r\n\r\n")
+    assert not client.transport.data.startswith(CONTINUE)
+    assert client.statuses == [413]
+
+
+def test_a_body_of_exactly_max_body_is_accepted(server: Server) -> None:
+    client = server.connect()
+    client.send(post(b"x" * 100))
+    assert client.statuses == [200]
+    assert server.app.requests[0].body == b"x" * 100
+
+
+def test_a_chunked_body_over_max_body_gets_413(server: Server) -> None:
+    client = server.connect()
+    client.send(chunked_post([b"a" * 60, b"b" * 60]))
+    assert client.statuses == [413]
+    assert client.closed and server.app.requests == []
+
+
+def test_max_connections_gets_503_and_close(server: Server) -> None:
+    server.state.limits.max_connections = 2
+    first, _ = server.connect(), server.connect()
+    third = server.connect()
+    response, = third.responses
+    assert (response.status, response.headers["connection"], response.headers["retry-after"]) == (503, "close", "1")
+    assert third.closed
+    first.protocol.connection_lost(None)
+    fourth = server.connect()
+    fourth.send(get())
+    assert fourth.statuses == [200]
+
+
+def test_expect_100_continue_gets_the_interim_response_before_the_body(server: Server) -> None:
+    client = server.connect()
+    body = b'{"type":"a"}'
+    client.send(b"POST /v1/events HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert client.transport.data == CONTINUE
+    client.send(body)
+    assert client.transport.data.startswith(CONTINUE)
+    assert [r.status for r in parse_responses(client.transport.data[len(CONTINUE):])] == [200]
+    assert server.app.requests[0].body == body
+
+
+# --- timeouts: the worker's tick calls check_timeout(now)
+
+
+def test_headers_not_received_within_header_timeout_get_408(server: Server) -> None:
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nHost: t\r\n")
+    now = monotonic()
+    client.protocol.check_timeout(now + 5)
+    assert client.transport.data == b"" and not client.closed
+    client.protocol.check_timeout(now + 11)
+    assert client.statuses == [408]
+    assert client.responses[0].headers["connection"] == "close"
+    assert client.closed
+
+
+def test_a_body_not_received_within_body_timeout_gets_408(server: Server) -> None:
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    now = monotonic()
+    client.protocol.check_timeout(now + 20)  # past header_timeout, within body_timeout
+    assert client.transport.data == b"" and not client.closed
+    client.protocol.check_timeout(now + 31)
+    assert client.statuses == [408] and client.closed
+    assert server.app.requests == []
+
+
+def test_an_idle_keep_alive_connection_is_closed_silently(server: Server) -> None:
+    client = server.connect()
+    client.send(get())
+    written = client.transport.data
+    now = monotonic()
+    client.protocol.check_timeout(now + 70)
+    assert not client.closed
+    client.protocol.check_timeout(now + 76)
+    assert client.closed and client.transport.data == written
+
+
+def test_a_connection_that_never_sends_is_closed_silently(server: Server) -> None:
+    client = server.connect()
+    client.protocol.check_timeout(monotonic() + 76)
+    assert client.closed and client.transport.data == b""
+
+
+def test_a_request_waiting_for_the_app_does_not_time_out(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get())
+    client.protocol.check_timeout(monotonic() + 1000)
+    assert not client.closed
+    holding.app.answer(0)
+    assert client.statuses == [200]
+
+
+# --- graceful shutdown
+
+
+def test_shutdown_closes_an_idle_connection_at_once(server: Server) -> None:
+    client = server.connect()
+    client.send(get())
+    client.protocol.shutdown()
+    assert client.closed and client.statuses == [200]
+
+
+def test_shutdown_of_a_busy_connection_closes_after_the_answer(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1"))
+    client.protocol.shutdown()
+    assert not client.closed and not client.transport.reading
+    holding.app.answer(0)
+    assert client.statuses == [200]
+    assert client.closed
+
+
+def test_the_answer_finished_during_shutdown_announces_connection_close(holding: Server) -> None:
+    # The client must learn that the connection is going away instead of finding it closed
+    # under its next request.
+    client = holding.connect()
+    client.send(get(b"/1"))
+    client.protocol.shutdown()
+    holding.app.answer(0)
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [(200, "close")]
+
+
+def test_shutdown_during_a_request_answers_it_with_close(server: Server) -> None:
+    client = server.connect()
+    client.send(b"POST /v1/events HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+    client.protocol.shutdown()
+    assert not client.closed
+    client.send(b"cd")
+    assert [(r.status, r.headers.get("connection")) for r in client.responses] == [(200, "close")]
+    assert client.closed
+
+
+def test_a_stopping_worker_refuses_new_connections_with_503(server: Server) -> None:
+    server.state.stopping = True
+    client = server.connect()
+    assert client.statuses == [503] and client.closed
