@@ -118,6 +118,13 @@ def api_keys(value: Any) -> list[str]:
     return list(value)
 
 
+def module_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(
+            isinstance(m, str) and all(part.isidentifier() for part in m.split(".")) for m in value):
+        raise ValueError("must be a list of importable module names such as \"mycompany.alerts\"")
+    return list(value)
+
+
 def one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -146,6 +153,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "workers", 0, non_negative_int,
             "Worker processes; 0 means one per CPU.", "METEORIT_WORKERS"),
     Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket."),
+    Setting("server", "max_workers", 32, positive_int,
+            "Most workers TTIN may grow to; one IPC pipe per slot is made at start."),
+    Setting("server", "plugins", [], module_list,
+            "Python modules each worker imports after boot, e.g. to add alert handlers with ipc.receive."),
     Setting("server", "graceful_timeout", 30.0, positive_seconds,
             "QUIT: how long workers may take to finish in-flight requests and flush."),
     Setting("redis", "url", EMBEDDED, redis_url,
@@ -262,7 +273,11 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         if value is not None:
             raw[name] = value
     values = {s.name: _check(s, raw.get(s.name, s.default)) for s in SETTINGS}
-    return Config(values=values, path=path)
+    cfg = Config(values=values, path=path)
+    if cfg.worker_count > cfg.server.max_workers:
+        raise ConfigError("server.workers", f"{cfg.worker_count} workers is over server.max_workers "
+                          f"({cfg.server.max_workers})")
+    return cfg
 
 
 def reference_markdown() -> str:

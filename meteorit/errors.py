@@ -37,3 +37,8 @@ class EventError(MeteoritError):
 
 class WriterUnavailable(MeteoritError):
     """The Redis writer cannot take events now (Redis down or the buffer full)."""
+
+
+class IpcError(MeteoritError):
+    """An IPC operation cannot be done: unknown pid, bad name or data, full queue,
+    reply() outside a handler."""

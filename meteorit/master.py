@@ -28,10 +28,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import sock
+from . import ipc, sock
 from .config import Config
 from .embedded import EmbeddedRedis
-from .errors import MeteoritError
+from .errors import IpcError, MeteoritError
+from .ipc import MASTER_SLOT, Bus, Pipes
 from .worker import EXIT_BOOT_ERROR, Worker
 
 log = logging.getLogger("meteorit.master")
@@ -70,6 +71,8 @@ class Master:
         self.next_start: dict[int, float] = {}
         self.signals: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
+        self.pipes: Pipes | None = None
+        self.bus: Bus | None = None
         self.wake_r, self.wake_w = -1, -1
         self.stopping = False
         self.kill_deadline = 0.0
@@ -101,6 +104,10 @@ class Master:
             self.redis.start()
             self.redis_url = self.redis.url
         self._install_signals()
+        self.pipes = Pipes(cfg.server.max_workers)
+        self.bus = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
+        self.bus.attach_selector(self.selector)
+        ipc.install(self.bus)
         log.info("meteorit starting", extra={
             "listen": [sock.describe(s) for s in self.sockets], "workers": self.target,
             "queue": cfg.redis.queue, "config_version": cfg.version})
@@ -113,7 +120,7 @@ class Master:
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
         signal.set_wakeup_fd(self.wake_w)
-        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._record_signal)
 
@@ -144,8 +151,8 @@ class Master:
 
     def _loop(self) -> None:
         while True:
-            for _key, _events in self.selector.select(self._timeout()):
-                self._drain_wakeups()
+            for key, _events in self.selector.select(self._timeout()):
+                self._dispatch_io(key.data)
             while self.signals:
                 name = signal.Signals(self.signals.popleft()).name.lower()
                 getattr(self, f"handle_{name[3:]}")()
@@ -166,6 +173,14 @@ class Master:
         now = time.monotonic()
         waits = [t - now for slot, t in self.next_start.items() if slot not in self.workers]
         return max(0.01, min([1.0, *waits]))
+
+    def _dispatch_io(self, tag: tuple[str, int | None] | None) -> None:
+        if tag is None:
+            self._drain_wakeups()
+        elif self.bus is not None and tag[0] == "ipc-read":
+            self.bus.on_readable()
+        elif self.bus is not None and tag[0] == "ipc-write" and tag[1] is not None:
+            self.bus.on_writable(tag[1])
 
     def _drain_wakeups(self) -> None:
         try:
@@ -192,6 +207,9 @@ class Master:
         log.info("USR1: logs go to stderr, nothing to reopen")
 
     def handle_ttin(self) -> None:
+        if self.target >= self.config.server.max_workers:
+            log.warning("TTIN: already %d workers, the server.max_workers limit", self.target)
+            return
         self.target += 1
         log.info("TTIN: %d workers", self.target)
 
@@ -220,7 +238,9 @@ class Master:
     # --- workers
 
     def spawn(self, slot: int) -> None:
+        assert self.pipes is not None and self.bus is not None
         worker = Worker(slot, self.config, self.sockets, self.redis_url, os.getpid(),
+                        self.pipes, self.bus.table,
                         close_fds=(self.wake_r, self.wake_w, self.selector.fileno()))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -237,6 +257,7 @@ class Master:
         self.workers[slot] = WorkerProcess(slot, pid, time.monotonic())
         self.next_start.pop(slot, None)
         log.info("worker started", extra={"slot": slot, "worker_pid": pid})
+        self._announce_table()
 
     def spawn_missing(self) -> None:
         now = time.monotonic()
@@ -260,6 +281,7 @@ class Master:
             if worker is not None:
                 del self.workers[worker.slot]
                 self._worker_exited(worker, status)
+                self._announce_table()
 
     def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
         how = describe_exit(status)
@@ -279,6 +301,16 @@ class Master:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (crashes - 1))
         self.next_start[worker.slot] = now + delay
         log.error("worker %s; respawning in %.1fs", how, delay, extra={**fields, "crashes": crashes})
+
+    def _announce_table(self) -> None:
+        """The master is the one authority on slot -> pid: every change goes to every worker."""
+        if self.bus is None:
+            return
+        self.bus.set_table({MASTER_SLOT: os.getpid(), **{w.slot: w.pid for w in self.workers.values()}})
+        try:
+            self.bus.announce_table()
+        except IpcError as exc:
+            log.error("cannot announce the worker table: %s", exc)
 
     def _maintain_redis(self) -> None:
         if self.redis is not None and self.redis.pid is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -19,10 +20,12 @@ import socket
 
 import uvloop
 
+from . import ipc
 from . import log as logsetup
 from .app import EventsApp
 from .config import Config
 from .http import HttpProtocol, ServerState
+from .ipc import Bus, Pipes
 from .response import Clock
 from .writer import RedisWriter
 
@@ -38,13 +41,17 @@ MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT)
 
 class Worker:
     def __init__(self, slot: int, config: Config, sockets: list[socket.socket], redis_url: str,
-                 master_pid: int, close_fds: tuple[int, ...] = ()) -> None:
+                 master_pid: int, pipes: Pipes, table: dict[int, int],
+                 close_fds: tuple[int, ...] = ()) -> None:
         self.slot = slot
         self.config = config
         self.sockets = sockets
         self.redis_url = redis_url
         self.master_pid = master_pid
         self.close_fds = close_fds
+        self.pipes = pipes
+        self.table = dict(table)
+        self.bus: Bus | None = None
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -91,6 +98,12 @@ class Worker:
             server = loop.run_until_complete(loop.create_server(
                 lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog))
             self.servers.append(server)
+        self.pipes.keep_only_reader(self.slot)
+        self.bus = Bus(self.pipes, self.slot, os.getpid(), self.table)
+        self.bus.attach_loop(loop)
+        ipc.install(self.bus)
+        for module in cfg.server.plugins:
+            importlib.import_module(module)  # registers its own alert handlers (ipc.receive)
         loop.run_until_complete(self.writer.start())
         loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
         loop.add_signal_handler(signal.SIGTERM, self.handle_term)

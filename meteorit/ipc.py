@@ -1,0 +1,420 @@
+"""The IPC bus: OpenResty's ngx.ipc for meteorit. Named alerts between the master and
+the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see ipc_wire).
+
+    from meteorit import ipc
+    ipc.send(pid, "hello", b"data")          # to one process; IpcError for an unknown pid
+    ipc.broadcast("hello", b"data")          # to every worker, the sender included
+    ipc.receive("hello", handler)            # handler(data: bytes); sync or async
+    ipc.receive({"a": h1, "b": h2})          # several at once
+    ipc.receive("hello", None)               # remove; alerts with no handler are dropped (counted)
+    ipc.reply("hello-response", b"hi")       # only inside a handler, else IpcError
+    ipc.sender                               # the sender's pid inside a handler, else None
+    await ipc.request(pid, "name", b"", 1.0) # the reply's data; TimeoutError past the timeout
+    await ipc.gather("name", b"", 1.0)       # {pid: reply} of every worker that answered in time
+
+Owns: the pipes (one per slot, made by the master before fork; every process writes to
+every pipe, reads only its own), the per-destination write queues, reassembly, handler
+dispatch and the slot → pid table. It is the only module that writes to pipes.
+Must not touch: HTTP, Redis, process management (the master tells it the table).
+
+Writes never block: pipes are non-blocking; on EAGAIN the packets wait in their
+destination's queue, in order, and leave when the pipe is writable. A queue holds at most
+`max_queue` bytes; past it `send` raises IpcError instead of growing. Small packets
+queued for one pipe leave together in one write() of at most PIPE_BUF bytes, which stays
+atomic however many processes write to that pipe.
+
+The master alone decides the table and broadcasts it as the reserved alert `ipc.table`
+on every change; a process drops the partial alerts of pids that left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import fcntl
+import inspect
+import logging
+import os
+import selectors
+from collections import deque
+from typing import Any, Awaitable, Callable, Mapping, Union
+
+import msgpack
+
+from .errors import IpcError
+from .ipc_wire import PIPE_BUF, Alert, Reassembler, encode_body, packetize
+
+log = logging.getLogger("meteorit.ipc")
+
+MASTER_SLOT = -1
+TABLE_ALERT = "ipc.table"
+MAX_QUEUE = 64 * 1024 * 1024  # bytes waiting for one destination
+PIPE_SIZE = 1024 * 1024  # asked of the kernel per pipe (F_SETPIPE_SZ), to absorb bursts
+READ_SIZE = 256 * 1024
+READS_PER_WAKE = 16  # then let the loop serve other work
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+Handler = Callable[[bytes], Union[None, Awaitable[None]]]
+Data = Union[bytes, bytearray, memoryview, str]
+Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
+
+# (sender pid, alert id) of the alert whose handler runs; a context variable, so it holds
+# across awaits in a coroutine handler and never leaks into other tasks.
+_current: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("ipc_current", default=None)
+
+
+class Pipes:
+    """One non-blocking pipe per slot (workers 0..n-1 and the master), made before fork."""
+
+    def __init__(self, slots: int) -> None:
+        self.fds: dict[int, tuple[int, int]] = {}
+        for slot in [MASTER_SLOT, *range(slots)]:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # kept over fork, not over exec
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size: the default size works too
+            self.fds[slot] = (r, w)
+
+    @property
+    def slots(self) -> int:
+        return len(self.fds) - 1
+
+    def keep_only_reader(self, slot: int) -> None:
+        """In a worker: close the read ends of the other slots' pipes."""
+        for other, (r, _w) in self.fds.items():
+            if other != slot:
+                os.close(r)
+
+    def all_fds(self) -> list[int]:
+        return [fd for pair in self.fds.values() for fd in pair]
+
+
+class _Waiter:
+    """Replies awaited by request() or gather()."""
+
+    def __init__(self, expected: set[int], future: asyncio.Future[dict[int, bytes]]) -> None:
+        self.expected = expected
+        self.future = future
+        self.replies: dict[int, bytes] = {}
+
+    def add(self, pid: int, data: bytes) -> None:
+        if pid in self.expected and pid not in self.replies:
+            self.replies[pid] = data
+            self._check()
+
+    def forget(self, pid: int) -> None:
+        self.expected.discard(pid)
+        self._check()
+
+    def _check(self) -> None:
+        if not self.future.done() and self.expected <= self.replies.keys():
+            self.future.set_result(self.replies)
+
+
+class Bus:
+    def __init__(self, pipes: Pipes, slot: int, pid: int, table: Mapping[int, int],
+                 max_queue: int = MAX_QUEUE) -> None:
+        self.pipes = pipes
+        self.slot = slot
+        self.pid = pid
+        self.watch: Watch = _no_watch
+        self.watching: set[int] = set()
+        self.max_queue = max_queue
+        self.read_fd = pipes.fds[slot][0]
+        self.reassembler = Reassembler(pid)
+        self.handlers: dict[str, Handler] = {}
+        self.table: dict[int, int] = {}
+        self.slot_of: dict[int, int] = {}
+        self.queues: dict[int, deque[bytes]] = {s: deque() for s in pipes.fds}
+        self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
+        self.waiters: dict[int, _Waiter] = {}
+        self._next_id = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # counters
+        self.sent = 0
+        self.received = 0
+        self.unhandled = 0
+        self.handler_errors = 0
+        self.set_table({**table, slot: pid})
+
+    # --- the table
+
+    def set_table(self, table: Mapping[int, int]) -> None:
+        gone = set(self.table.values()) - set(table.values())
+        self.table = dict(table)
+        self.slot_of = {pid: slot for slot, pid in self.table.items()}
+        for pid in gone:
+            self.reassembler.forget(pid)
+            for waiter in list(self.waiters.values()):
+                waiter.forget(pid)
+
+    def announce_table(self) -> None:
+        """Master only: tell every worker the current table."""
+        body = msgpack.packb(self.table)
+        for slot, pid in self.table.items():
+            if slot != MASTER_SLOT:
+                self._send_to(slot, pid, TABLE_ALERT, body)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [pid for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
+
+    # --- sending
+
+    def send(self, pid: int, name: str, data: Data = b"", reply_to: int = 0) -> int:
+        slot = self.slot_of.get(pid)
+        if slot is None:
+            raise IpcError(f"no process with pid {pid} on the bus")
+        return self._send_to(slot, pid, name, _as_bytes(data), reply_to)
+
+    def broadcast(self, name: str, data: Data = b"") -> int:
+        """To every worker (the sender included, if a worker). Returns the alert id."""
+        body = _encode(name, _as_bytes(data))
+        alert_id = self._new_id()
+        failed = []
+        for slot, pid in sorted(self.table.items()):
+            if slot == MASTER_SLOT:
+                continue
+            try:
+                self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id))
+            except IpcError:
+                failed.append(pid)
+        if failed:
+            raise IpcError(f"broadcast {name!r} not queued for pids {failed}: their queues are full")
+        return alert_id
+
+    def _send_to(self, slot: int, pid: int, name: str, data: bytes, reply_to: int = 0) -> int:
+        body = _encode(name, data)
+        alert_id = self._new_id()
+        self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id, reply_to))
+        return alert_id
+
+    def _new_id(self) -> int:
+        self._next_id = self._next_id % 0xFFFFFFFF + 1  # never 0: 0 means "not a reply"
+        return self._next_id
+
+    def _enqueue(self, slot: int, packets: list[bytes]) -> None:
+        size = sum(map(len, packets))
+        if self.queued[slot] + size > self.max_queue:
+            raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
+        queue = self.queues[slot]
+        was_idle = not queue
+        queue.extend(packets)
+        self.queued[slot] += size
+        self.sent += 1
+        if was_idle:
+            self._drain(slot)
+
+    def on_writable(self, slot: int) -> None:
+        self._drain(slot)
+
+    def _drain(self, slot: int) -> None:
+        queue = self.queues[slot]
+        fd = self.pipes.fds[slot][1]
+        while queue:
+            # as many whole packets as fit in one atomic write
+            count, size = 1, len(queue[0])
+            while count < len(queue) and size + len(queue[count]) <= PIPE_BUF:
+                size += len(queue[count])
+                count += 1
+            chunk = queue[0] if count == 1 else b"".join([queue[i] for i in range(count)])
+            try:
+                os.write(fd, chunk)
+            except BlockingIOError:
+                if fd not in self.watching:
+                    self.watching.add(fd)
+                    self.watch(fd, slot, True)
+                return
+            for _ in range(count):
+                queue.popleft()
+            self.queued[slot] -= size
+        if fd in self.watching:
+            self.watching.discard(fd)
+            self.watch(fd, slot, False)
+
+    # --- hosts: an asyncio loop (workers) or a selector (the master)
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        def watch(fd: int, slot: int, want: bool) -> None:
+            if want:
+                loop.add_writer(fd, self.on_writable, slot)
+            else:
+                loop.remove_writer(fd)
+        self.watch = watch
+        loop.add_reader(self.read_fd, self.on_readable)
+
+    def attach_selector(self, selector: selectors.BaseSelector) -> None:
+        """Events carry ("ipc-read", None) or ("ipc-write", slot) as their data."""
+        def watch(fd: int, slot: int, want: bool) -> None:
+            if want:
+                selector.register(fd, selectors.EVENT_WRITE, ("ipc-write", slot))
+            else:
+                selector.unregister(fd)
+        self.watch = watch
+        selector.register(self.read_fd, selectors.EVENT_READ, ("ipc-read", None))
+
+    # --- receiving
+
+    def receive(self, name: str | Mapping[str, Handler | None], handler: Handler | None = None) -> None:
+        items = name.items() if isinstance(name, Mapping) else [(name, handler)]
+        for alert_name, fn in items:
+            if fn is None:
+                self.handlers.pop(alert_name, None)
+            elif not callable(fn):
+                raise IpcError(f"handler for {alert_name!r} is not callable")
+            else:
+                self.handlers[alert_name] = fn
+
+    def on_readable(self) -> None:
+        for _ in range(READS_PER_WAKE):
+            try:
+                data = os.read(self.read_fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for alert in self.reassembler.feed(data):
+                self._deliver(alert)
+            if len(data) < READ_SIZE:
+                return
+
+    def _deliver(self, alert: Alert) -> None:
+        self.received += 1
+        if alert.name == TABLE_ALERT and alert.sender_slot == MASTER_SLOT:
+            self.set_table(msgpack.unpackb(alert.data, strict_map_key=False))
+            return
+        waiter = self.waiters.get(alert.reply_to) if alert.reply_to else None
+        if waiter is not None:
+            waiter.add(alert.sender_pid, alert.data)
+            return
+        handler = self.handlers.get(alert.name)
+        if handler is None:
+            self.unhandled += 1
+            return
+        token = _current.set((alert.sender_pid, alert.alert_id))
+        try:
+            result = handler(alert.data)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)  # copies the context: sender holds across awaits
+                self._tasks.add(task)
+                task.add_done_callback(self._handler_done)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("ipc handler for %r failed", alert.name)
+        finally:
+            _current.reset(token)
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.handler_errors += 1
+            log.error("ipc handler failed", exc_info=task.exception())
+
+    # --- replies, requests
+
+    def reply(self, name: str, data: Data = b"") -> None:
+        current = _current.get()
+        if current is None:
+            raise IpcError("reply() is only allowed inside an alert handler")
+        sender_pid, alert_id = current
+        self.send(sender_pid, name, data, reply_to=alert_id)
+
+    async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
+        future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
+        alert_id = self.send(pid, name, data)
+        self.waiters[alert_id] = _Waiter({pid}, future)
+        try:
+            replies = await asyncio.wait_for(future, timeout)
+        finally:
+            self.waiters.pop(alert_id, None)
+        if pid not in replies:
+            raise IpcError(f"pid {pid} left the bus before replying to {name!r}")
+        return replies[pid]
+
+    async def gather(self, name: str, data: Data = b"", timeout: float = 1.0) -> dict[int, bytes]:
+        future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
+        expected = set(self.worker_pids)
+        alert_id = self.broadcast(name, data)
+        waiter = self.waiters[alert_id] = _Waiter(expected, future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.waiters.pop(alert_id, None)
+        return dict(waiter.replies)
+
+    def stats(self) -> dict[str, int]:
+        r = self.reassembler
+        return {"sent": self.sent, "received": self.received, "unhandled": self.unhandled,
+                "handler_errors": self.handler_errors, "corrupt": r.corrupt, "stale": r.stale,
+                "orphans": r.orphans, "queued_bytes": sum(self.queued.values())}
+
+
+def _as_bytes(data: Data) -> bytes:
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise IpcError(f"alert data must be bytes or str, not {type(data).__name__}")
+
+
+def _encode(name: str, data: bytes) -> bytes:
+    if not isinstance(name, str):
+        raise IpcError(f"alert name must be a str, not {type(name).__name__}")
+    try:
+        return encode_body(name, data)
+    except ValueError as exc:
+        raise IpcError(str(exc)) from None
+
+
+def _no_watch(fd: int, slot: int, want: bool) -> None:
+    raise IpcError("the bus is not attached to a loop or selector")
+
+
+# --- the module-level API, on this process's bus
+
+_bus: Bus | None = None
+
+
+def install(bus: Bus | None) -> None:
+    global _bus
+    _bus = bus
+
+
+def bus() -> Bus:
+    if _bus is None:
+        raise IpcError("this process is not on the IPC bus")
+    return _bus
+
+
+def send(pid: int, name: str, data: Data = b"") -> None:
+    bus().send(pid, name, data)
+
+
+def broadcast(name: str, data: Data = b"") -> None:
+    bus().broadcast(name, data)
+
+
+def receive(name: str | Mapping[str, Handler | None], handler: Handler | None = None) -> None:
+    bus().receive(name, handler)
+
+
+def reply(name: str, data: Data = b"") -> None:
+    bus().reply(name, data)
+
+
+async def request(pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
+    return await bus().request(pid, name, data, timeout)
+
+
+async def gather(name: str, data: Data = b"", timeout: float = 1.0) -> dict[int, bytes]:
+    return await bus().gather(name, data, timeout)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "sender":
+        current = _current.get()
+        return None if current is None else current[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
