@@ -105,7 +105,9 @@ def toml_value(value: Any) -> str:
 class Meteorit:
     """The real master as a subprocess; its stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]],
+                 env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.base = f"127.0.0.1:{self.port}"
         sections = dict(settings)
@@ -125,7 +127,7 @@ class Meteorit:
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             argv or [*METEORIT, "-c", str(self.config)], stderr=self.log_file,
-            stdout=self.log_file, start_new_session=True, cwd=self.config.parent)
+            stdout=self.log_file, start_new_session=True, cwd=self.config.parent, env=self.env)
         if wait:
             wait_until(lambda: len(self.logs("worker serving")) >= self.workers and self.healthy(),
                        READY_TIMEOUT, "meteorit workers to serve")
@@ -190,8 +192,9 @@ class Meteorit:
 def meteorit_factory(tmp_path: Path) -> Iterator[Callable[..., Meteorit]]:
     started: list[Meteorit] = []
 
-    def make(settings: dict[str, dict[str, Any]] | None = None, start: bool = True) -> Meteorit:
-        m = Meteorit(tmp_path, settings or {})
+    def make(settings: dict[str, dict[str, Any]] | None = None, start: bool = True,
+             env: dict[str, str] | None = None) -> Meteorit:
+        m = Meteorit(tmp_path, settings or {}, env)
         started.append(m)
         if start:
             m.start()
