@@ -64,6 +64,12 @@ def size(value: Any) -> int:
     return positive_int(value)
 
 
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def non_empty_str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -152,6 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Addresses to listen on: \"HOST:PORT\", \"[V6]:PORT\" or \"unix:/path\".", "METEORIT_LISTEN"),
     Setting("server", "workers", 0, non_negative_int,
             "Worker processes; 0 means one per CPU.", "METEORIT_WORKERS"),
+    Setting("server", "reuseport", True, boolean,
+            "One SO_REUSEPORT socket per worker, so the kernel spreads connections evenly; false: one shared socket."),
     Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket."),
     Setting("server", "max_workers", 32, positive_int,
             "Most workers TTIN may grow to; one IPC pipe per slot is made at start."),

@@ -63,7 +63,8 @@ class Master:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.target = config.worker_count
-        self.sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = []  # slot 0's, the model for every other slot's
+        self.listeners: dict[int, list[socket.socket]] = {}
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
         self.workers: dict[int, WorkerProcess] = {}
@@ -98,7 +99,8 @@ class Master:
         cfg = self.config
         if not cfg.auth.keys:
             log.warning("AUTH IS OFF: auth.keys is empty, anyone who reaches the port can post events")
-        self.sockets = sock.bind_all(cfg.server.listen, cfg.server.backlog)
+        self.sockets = sock.bind_all(cfg.server.listen, cfg.server.backlog, cfg.server.reuseport)
+        self.listeners[0] = self.sockets
         if cfg.embedded_redis:
             self.redis = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.server_binary)
             self.redis.start()
@@ -144,7 +146,8 @@ class Master:
                     os.unlink(s.getsockname())
                 except OSError:
                     pass
-            s.close()
+        for slot in list(self.listeners):
+            self._close_listeners(slot)
         self.sockets = []
 
     # --- the loop
@@ -221,6 +224,8 @@ class Master:
         worker = self.workers.get(self.target)
         if worker is not None:
             self._kill(worker.pid, signal.SIGQUIT)
+        # the kernel stops routing connections to the slot once its worker closes its copy too
+        self._close_listeners(self.target)
 
     def handle_chld(self) -> None:
         pass  # the loop reaps after every wake-up
@@ -239,9 +244,11 @@ class Master:
 
     def spawn(self, slot: int) -> None:
         assert self.pipes is not None and self.bus is not None
-        worker = Worker(slot, self.config, self.sockets, self.redis_url, os.getpid(),
+        listeners = self._listeners_for(slot)
+        others = {s.fileno() for socks in self.listeners.values() for s in socks} - {s.fileno() for s in listeners}
+        worker = Worker(slot, self.config, listeners, self.redis_url, os.getpid(),
                         self.pipes, self.bus.table,
-                        close_fds=(self.wake_r, self.wake_w, self.selector.fileno()))
+                        close_fds=(self.wake_r, self.wake_w, self.selector.fileno(), *others))
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -258,6 +265,22 @@ class Master:
         self.next_start.pop(slot, None)
         log.info("worker started", extra={"slot": slot, "worker_pid": pid})
         self._announce_table()
+
+    def _listeners_for(self, slot: int) -> list[socket.socket]:
+        """Slot 0's sockets, or with reuseport this slot's own TCP sockets on the same addresses."""
+        if slot not in self.listeners:
+            addresses = sock.bound_addresses(self.sockets)
+            self.listeners[slot] = [
+                s if s.family == socket.AF_UNIX or not self.config.server.reuseport
+                else sock.bind(address, self.config.server.backlog, reuseport=True)
+                for s, address in zip(self.sockets, addresses)]
+        return self.listeners[slot]
+
+    def _close_listeners(self, slot: int) -> None:
+        shared = {id(s) for other, socks in self.listeners.items() if other != slot for s in socks}
+        for s in self.listeners.pop(slot, []):
+            if id(s) not in shared:
+                s.close()
 
     def spawn_missing(self) -> None:
         now = time.monotonic()
@@ -288,6 +311,8 @@ class Master:
         fields = {"slot": worker.slot, "worker_pid": worker.pid}
         if self.stopping or worker.slot >= self.target:
             log.info("worker %s", how, extra=fields)
+            if worker.slot >= self.target:
+                self._close_listeners(worker.slot)
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
             log.error("worker %d failed to boot (see its log line above); stopping meteorit",

