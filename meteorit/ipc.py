@@ -58,9 +58,9 @@ Handler = Callable[[bytes], Union[None, Awaitable[None]]]
 Data = Union[bytes, bytearray, memoryview, str]
 Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
 
-# (sender pid, alert id) of the alert whose handler runs; a context variable, so it holds
-# across awaits in a coroutine handler and never leaks into other tasks.
-_current: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("ipc_current", default=None)
+# (sender pid, sender slot, alert id) of the alert whose handler runs; a context variable,
+# so it holds across awaits in a coroutine handler and never leaks into other tasks.
+_current: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("ipc_current", default=None)
 
 
 class Pipes:
@@ -97,6 +97,7 @@ class _Waiter:
         self.expected = expected
         self.future = future
         self.replies: dict[int, bytes] = {}
+        self._check()  # nobody to wait for: done at once
 
     def add(self, pid: int, data: bytes) -> None:
         if pid in self.expected and pid not in self.replies:
@@ -292,7 +293,7 @@ class Bus:
         if handler is None:
             self.unhandled += 1
             return
-        token = _current.set((alert.sender_pid, alert.alert_id))
+        token = _current.set((alert.sender_pid, alert.sender_slot, alert.alert_id))
         try:
             result = handler(alert.data)
             if inspect.isawaitable(result):
@@ -317,8 +318,12 @@ class Bus:
         current = _current.get()
         if current is None:
             raise IpcError("reply() is only allowed inside an alert handler")
-        sender_pid, alert_id = current
-        self.send(sender_pid, name, data, reply_to=alert_id)
+        # To the sender's slot, from the packet header: the table may not list a worker
+        # that was just forked yet. A stale slot is harmless: the reader's pid fence drops it.
+        sender_pid, sender_slot, alert_id = current
+        if sender_slot not in self.queues:
+            raise IpcError(f"the sender of this alert (pid {sender_pid}) has no pipe")
+        self._send_to(sender_slot, sender_pid, name, _as_bytes(data), alert_id)
 
     async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any, Callable, Coroutine
 
@@ -37,6 +38,7 @@ from .errors import WriterUnavailable
 log = logging.getLogger("meteorit.writer")
 
 PROBE_INTERVAL = 0.5  # seconds between PINGs while Redis is unreachable
+HEARTBEAT = 1.0  # an idle connection is PINGed this often, so /readyz notices a dead Redis
 
 Done = Callable[[Exception | None], None]
 
@@ -58,6 +60,8 @@ class RedisWriter:
         self.idle = asyncio.Event()
         self.idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # one command at a time on the one connection
+        self._last_ok = 0.0
         # counters
         self.writes = 0
         self.write_errors = 0
@@ -69,6 +73,7 @@ class RedisWriter:
             await self._command(b"PING")
         except (RedisError, OSError) as exc:
             self._went_down(exc)
+        self._spawn(self._heartbeat())
 
     def submit(self, records: list[bytes], size: int, done: Done) -> None:
         """Queue one request's records; `done(None)` once Redis has them, `done(error)` if not."""
@@ -148,6 +153,12 @@ class RedisWriter:
         """One command and its reply; one retry when the connection broke. Timeouts are
         not retried, so a slow Redis costs one timeout, not several."""
         packed = hiredis.pack_command(args)
+        async with self._lock:
+            reply = await self._exchange(packed)
+        self._last_ok = time.monotonic()
+        return reply
+
+    async def _exchange(self, packed: bytes) -> object:
         for attempt in (1, 2):
             try:
                 await self.conn.send_packed_command(packed, check_health=False)
@@ -160,6 +171,15 @@ class RedisWriter:
                 await self.conn.disconnect()  # a late reply must not answer the next command
                 raise
         raise AssertionError("unreachable")
+
+    async def _heartbeat(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(HEARTBEAT)
+            if self.ready and not self.flushing and time.monotonic() - self._last_ok >= HEARTBEAT:
+                try:
+                    await self._command(b"PING")
+                except (RedisError, OSError) as exc:
+                    self._went_down(exc)
 
     def _went_down(self, exc: BaseException) -> None:
         if self.ready:

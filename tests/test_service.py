@@ -198,6 +198,9 @@ def test_redis_down_gives_503_and_readyz_503_then_recovers(meteorit: Meteorit, r
                                                            redis_server: RedisServer) -> None:
     assert meteorit.post({"type": "before"})[0] == 202
     redis_server.stop()
+    # every worker notices, also one that has nothing to write (its heartbeat PING fails)
+    wait_until(lambda: all(meteorit.request("GET", "/readyz")[0] == 503 for _ in range(8)), 5,
+               "/readyz to turn 503 on every worker")
     statuses = {meteorit.post({"type": "during"})[0] for _ in range(4)}
     assert statuses == {503}
     status, headers, _ = meteorit.request("GET", "/readyz")
