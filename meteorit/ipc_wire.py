@@ -49,7 +49,7 @@ MAX_ALERT = 32 * 1024 * 1024  # bytes of one alert body; a reader drops bigger o
 _SYNC = MAGIC + bytes([VERSION])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ cost 14% of a reader
 class Alert:
     sender_pid: int
     sender_slot: int

@@ -650,6 +650,26 @@ def test_broadcast_reaches_every_worker_once_and_not_the_master(
     run(scenario())
 
 
+def test_broadcast_is_all_or_nothing_when_one_queue_is_full(
+        run: Run, make_pipes: Callable[[int], Pipes]) -> None:
+    pipes = make_pipes(3)
+
+    async def scenario() -> None:
+        a = on_bus(pipes, 0, max_queue=256 * 1024)
+        b, c = on_bus(pipes, 1), on_bus(pipes, 2, attach=False)  # c never reads
+        news = Inbox()
+        b.receive("news", news)
+        with pytest.raises(IpcError, match="full"):
+            while True:  # fill a's queue to c (its pipe fills first)
+                a.send(C, "fill", bytes(64 * 1024))
+        with pytest.raises(IpcError, match=f"pids \\[{C}\\] are full"):
+            a.broadcast("news", b"x" * 128 * 1024)
+        a.send(B, "news", b"after")
+        assert await news.until(1) == [(A, b"after")]  # the refused broadcast reached nobody
+
+    run(scenario())
+
+
 def test_set_table_dropping_a_pid_ends_gather_and_request_and_frees_its_partials(
         run: Run, make_pipes: Callable[[int], Pipes]) -> None:
     pipes = make_pipes(3)
