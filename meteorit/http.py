@@ -41,6 +41,10 @@ class App(Protocol):
                  headers: dict[bytes, bytes], body: bytes) -> None: ...
 
 
+CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
+LINGER_BYTES = 4 * 1024 * 1024  # request bytes read and dropped after an error, before closing
+
+
 class _LimitExceeded(Exception):
     """Raised inside a parser callback to stop parsing; the status is in `protocol.error`."""
 
@@ -93,11 +97,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: Any = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending: deque[Exchange] = deque()
-        self.closed = False
+        self.closed = False  # close() was called
+        self.lost = False  # connection_lost ran: the transport is gone
+        self.lingering = 0  # bytes still to drop after an error response, before closing
         self.closing = False  # answer what is in hand, then close
         self.failed = False  # the byte stream is unusable: ignore the rest of it
         self.in_message = False
         self.in_headers = False
+        self.began = False  # a message began in the chunk being parsed
         self.header_bytes = 0  # bytes received while the headers are incomplete
         self.reading_paused = False
         self.writing_paused = False
@@ -126,7 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = monotonic() + self.limits.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.lost = True
         self.pending.clear()
         state = self.state
         state.connections.discard(self)
@@ -134,9 +141,15 @@ class HttpProtocol(asyncio.Protocol):
             state.on_idle.set()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.lingering = max(0, self.lingering - len(data))
+            if not self.lingering:
+                self.close()
+            return
         if self.failed or self.closed:
             return
         was_in_headers = self.in_headers
+        self.began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -148,13 +161,18 @@ class HttpProtocol(asyncio.Protocol):
         else:
             # httptools calls on_header only once a line ends: a header line that never
             # ends would grow unseen, so count raw bytes until the headers are complete.
-            if was_in_headers and self.in_headers:
+            # a chunk in which a message began is counted by on_url/on_header alone: it may
+            # carry the previous request's body
+            if was_in_headers and self.in_headers and not self.began:
                 self.header_bytes += len(data)
                 if self.header_bytes > self.limits.max_header_size:
                     self._fail(431, "request line and headers too large")
 
     def eof_received(self) -> bool | None:
         # The client is done sending; answer what is in hand, then close.
+        if self.lingering:
+            self.close()
+            return True
         self.closing = True
         if not self.pending and not self.in_message:
             self.close()
@@ -173,7 +191,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.closing:
             raise _LimitExceeded  # pipelined after a close was decided: ignore the rest
-        self.in_message = self.in_headers = True
+        self.in_message = self.in_headers = self.began = True
         self.header_bytes = 0
         self.url = b""
         self.headers = {}
@@ -229,7 +247,11 @@ class HttpProtocol(asyncio.Protocol):
             self.closing = True
         exchange = Exchange(self, connection, not keep_alive)
         self.pending.append(exchange)
-        self.state.app.dispatch(exchange, parser.get_method(), self.url, self.headers, body)
+        try:
+            self.state.app.dispatch(exchange, parser.get_method(), self.url, self.headers, body)
+        except Exception:
+            log.exception("request handling failed")
+            exchange.reply(500, error_body("internal error"))
         if self.pending:
             self._update_reading()
 
@@ -242,7 +264,10 @@ class HttpProtocol(asyncio.Protocol):
             exchange = pending.popleft()
             self.transport.write(exchange.data)
             if exchange.close_after:
-                self.close()
+                if self.failed and not self.closed:
+                    self._linger()
+                else:
+                    self.close()
                 return
         if not pending and not self.in_message:
             if self.closing:
@@ -265,20 +290,42 @@ class HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.lingering = 0
             if self.writing_paused:
                 self.transport.abort()  # a client that does not read gets no more grace
             else:
                 self.transport.close()
+                self.deadline = monotonic() + CLOSE_GRACE  # then check_timeout aborts
+
+    def _linger(self) -> None:
+        """After an error response: send FIN, then read and drop what the client is still
+        sending for a while, so its unread upload does not turn our close into a reset
+        that destroys the response before the client reads it."""
+        transport = self.transport
+        if not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        self.lingering = LINGER_BYTES
+        self.deadline = monotonic() + CLOSE_GRACE
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
 
     def check_timeout(self, now: float) -> None:
-        if self.deadline and now > self.deadline and not self.closed:
-            if self.in_message:
-                self._fail(408, "request not received in time")
-            else:
-                self.close()
+        if not self.deadline or now <= self.deadline or self.lost:
+            return
+        if self.closed or self.lingering:
+            self.closed = True
+            self.lingering = 0
+            self.transport.abort()  # its close did not complete in time
+        elif self.in_message:
+            self._fail(408, "request not received in time")
+        else:
+            self.close()
 
     def _update_reading(self) -> None:
-        if self.closed:
+        if self.closed or self.lingering:
             return
         pause = (self.failed or self.writing_paused
                  or len(self.pending) >= self.limits.max_pipeline

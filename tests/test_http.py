@@ -57,11 +57,22 @@ class FakeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
+    def can_write_eof(self) -> bool:
+        return False  # as a transport without half-close; HalfCloseTransport has it
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
     @property
     def reading(self) -> bool:
         """False while the last pause_reading has not been undone."""
         flow = [c for c in self.calls if c.endswith("_reading")]
         return not flow or flow[-1] == "resume_reading"
+
+
+class HalfCloseTransport(FakeTransport):
+    def can_write_eof(self) -> bool:
+        return True
 
 
 @dataclass
@@ -585,3 +596,49 @@ def test_a_stopping_worker_refuses_new_connections_with_503(server: Server) -> N
     server.state.stopping = True
     client = server.connect()
     assert client.statuses == [503] and client.closed
+
+
+def test_after_an_error_the_connection_half_closes_and_drops_the_rest_of_the_upload() -> None:
+    """Closing with unread upload bytes makes the kernel send a reset, which can destroy
+    the 413 before the client reads it: send FIN, drop what still comes, then close."""
+    app = FakeApp()
+    protocol = HttpProtocol(ServerState(app, make_limits()))
+    transport = HalfCloseTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" + b"x" * 1000)
+    assert transport.data.startswith(b"HTTP/1.1 413 ")
+    assert transport.calls[-1] == "write_eof" and not transport.closed
+    protocol.data_received(b"x" * 4000)  # the rest of the upload is read and dropped
+    assert not transport.closed and app.requests == []
+    protocol.eof_received()
+    assert transport.closed
+
+
+def test_a_lingering_or_closing_connection_is_aborted_past_its_grace() -> None:
+    protocol = HttpProtocol(ServerState(FakeApp(), make_limits()))
+    transport = HalfCloseTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"BAD\x00 / HTTP/1.1\r\n\r\n")
+    assert transport.calls[-1] == "write_eof"
+    protocol.check_timeout(monotonic() + 60)
+    assert transport.calls[-1] == "abort"
+
+    closing = HttpProtocol(ServerState(FakeApp(), make_limits()))
+    stuck = FakeTransport()
+    closing.connection_made(stuck)
+    closing.shutdown()  # close() asked; connection_lost never comes (kernel buffer full)
+    assert stuck.calls[-1] == "close"
+    closing.check_timeout(monotonic() + 60)
+    assert stuck.calls[-1] == "abort"
+
+
+def test_a_pipelined_request_in_the_same_chunk_as_a_body_is_not_counted_as_headers() -> None:
+    app = FakeApp()
+    protocol = HttpProtocol(ServerState(app, make_limits(max_body=50000, max_header_size=1024)))
+    protocol.connection_made(FakeTransport())
+    first = b"POST /a HTTP/1.1\r\nHost: t\r\nContent-"
+    rest = (b"Length: 20000\r\n\r\n" + b"b" * 20000 + b"GET /b HTTP/1.1\r\nHost: t\r\n")
+    protocol.data_received(first)
+    protocol.data_received(rest)
+    protocol.data_received(b"\r\n")
+    assert [r.url for r in app.requests] == [b"/a", b"/b"]

@@ -185,6 +185,19 @@ def test_slow_client_gets_408(meteorit_factory: Callable[..., Meteorit], redis: 
     assert m.healthy()
 
 
+def test_a_large_upload_reads_its_413_instead_of_a_reset(limited: Meteorit) -> None:
+    body = b"[" + b'{"type":"a"},' * 300_000 + b'{"type":"a"}]'  # about 4 MiB, sent at once
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as s:
+        s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        try:
+            s.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may stop reading once it has dropped enough
+        data = s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 413 ")
+
+
 def test_oversized_headers_get_431(meteorit: Meteorit) -> None:
     data = raw_exchange(meteorit.port, b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 1)
     assert data.startswith(b"HTTP/1.1 431 ")
