@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 import msgpack
 
 from .errors import IpcError
-from .ipc_wire import PIPE_BUF, Alert, Reassembler, encode_body, packetize
+from .ipc_wire import HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, encode_body, packetize
 
 log = logging.getLogger("meteorit.ipc")
 
@@ -147,6 +147,11 @@ class Bus:
 
     def set_table(self, table: Mapping[int, int]) -> None:
         gone = set(self.table.values()) - set(table.values())
+        for slot, pid in self.table.items():
+            if table.get(slot) != pid and slot in self.queues and slot != self.slot:
+                # packets still queued for a pid that left would only be dropped by its successor
+                self.queued[slot] = 0
+                self.queues[slot].clear()
         self.table = dict(table)
         self.slot_of = {pid: slot for slot, pid in self.table.items()}
         for pid in gone:
@@ -157,9 +162,15 @@ class Bus:
     def announce_table(self) -> None:
         """Master only: tell every worker the current table."""
         body = msgpack.packb(self.table)
+        full = []
         for slot, pid in self.table.items():
             if slot != MASTER_SLOT:
-                self._send_to(slot, pid, TABLE_ALERT, body)
+                try:
+                    self._send_to(slot, pid, TABLE_ALERT, body)
+                except IpcError:
+                    full.append(pid)  # one stuck worker must not keep the others out of date
+        if full:
+            raise IpcError(f"table not announced to pids {full}: their queues are full")
 
     @property
     def worker_pids(self) -> list[int]:
@@ -178,7 +189,8 @@ class Bus:
         body = _encode(name, _as_bytes(data))
         targets = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
         # all or nothing: a caller that gets an error can retry without duplicates
-        full = [pid for slot, pid in targets if self.queued[slot] + len(body) > self.max_queue]
+        size = len(body) + HEADER_SIZE * -(-len(body) // PAYLOAD)  # what _enqueue will count
+        full = [pid for slot, pid in targets if self.queued[slot] + size > self.max_queue]
         if full:
             raise IpcError(f"broadcast {name!r} not sent: the queues to pids {full} are full")
         alert_id = self._new_id()
@@ -216,8 +228,6 @@ class Bus:
 
     def _drain(self, slot: int) -> None:
         queue = self.queues[slot]
-        if not queue:
-            return
         fd = self.pipes.fds[slot][1]
         while queue:
             # as many whole packets as fit in one atomic write

@@ -159,7 +159,10 @@ class Reassembler:
                   reply_to: int, total: int, payload: bytes) -> Alert | None:
         key = (sender_pid, alert_id)
         if flags & FIRST:
-            if key in self.partials:
+            # a sender's packets reach a pipe in order, one alert after another: a new
+            # first packet ends whatever that sender left unfinished (at most one each)
+            for stale in [k for k in self.partials if k[0] == sender_pid]:
+                del self.partials[stale]
                 self.orphans += 1
             if total > MAX_ALERT:
                 self.oversized += 1

@@ -129,7 +129,10 @@ class RedisWriter:
                 error = await self._write(values) if self.ready else WriterUnavailable("redis unreachable")
                 self.pending_bytes -= size
                 for done in callbacks:
-                    done(error)
+                    try:
+                        done(error)
+                    except Exception:  # one failing callback must not strand the rest of the batch
+                        log.exception("answering a request of the batch failed")
         finally:
             self.flushing = False
             self.idle.set()
