@@ -70,6 +70,7 @@ class Master:
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes: dict[int, int] = {}
         self.next_start: dict[int, float] = {}
+        self.retiring: set[int] = set()  # pids sent QUIT by TTOU: their exit is no crash
         self.signals: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self.pipes: Pipes | None = None
@@ -174,7 +175,8 @@ class Master:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        waits = [t - now for slot, t in self.next_start.items() if slot not in self.workers]
+        waits = [t - now for slot, t in self.next_start.items()
+                 if slot not in self.workers and slot < self.target]
         return max(0.01, min([1.0, *waits]))
 
     def _dispatch_io(self, tag: tuple[str, int | None] | None) -> None:
@@ -221,8 +223,10 @@ class Master:
             return
         self.target -= 1
         log.info("TTOU: %d workers", self.target)
+        self.next_start.pop(self.target, None)
         worker = self.workers.get(self.target)
         if worker is not None:
+            self.retiring.add(worker.pid)
             self._kill(worker.pid, signal.SIGQUIT)
         # the kernel stops routing connections to the slot once its worker closes its copy too
         self._close_listeners(self.target)
@@ -251,7 +255,12 @@ class Master:
                         close_fds=(self.wake_r, self.wake_w, self.selector.fileno(), *others))
         sys.stdout.flush()
         sys.stderr.flush()
+        # Blocked across fork: a signal meant for the child before it has its own handlers
+        # stays pending for them instead of landing in the master's handler copy.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         if pid == 0:  # child: never returns into the master's code
             code = 1
             try:
@@ -309,7 +318,9 @@ class Master:
     def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
         how = describe_exit(status)
         fields = {"slot": worker.slot, "worker_pid": worker.pid}
-        if self.stopping or worker.slot >= self.target:
+        retired = worker.pid in self.retiring
+        self.retiring.discard(worker.pid)
+        if self.stopping or retired or worker.slot >= self.target:
             log.info("worker %s", how, extra=fields)
             if worker.slot >= self.target:
                 self._close_listeners(worker.slot)

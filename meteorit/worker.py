@@ -53,6 +53,7 @@ class Worker:
         self.table = dict(table)
         self.bus: Bus | None = None
         self.stopping = False
+        self.stop_requested = False  # a stop signal that came during boot
         self.loop: asyncio.AbstractEventLoop | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.state: ServerState | None = None
@@ -68,6 +69,11 @@ class Worker:
             log.exception("worker failed to boot: %s", exc)
             return EXIT_BOOT_ERROR
         assert self.loop is not None and self.writer is not None
+        if self.stop_requested:
+            log.info("stopped during boot")
+            self.loop.run_until_complete(self.writer.close())
+            self.loop.close()
+            return EXIT_OK
         try:
             self.loop.run_forever()
         finally:
@@ -96,7 +102,8 @@ class Worker:
         self.state = state = ServerState(self.app, cfg.limits)
         for sock in self.sockets:
             server = loop.run_until_complete(loop.create_server(
-                lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog))
+                lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog,
+                start_serving=False))
             self.servers.append(server)
         self.pipes.keep_only_reader(self.slot)
         self.bus = Bus(self.pipes, self.slot, os.getpid(), self.table)
@@ -105,9 +112,15 @@ class Worker:
         for module in cfg.server.plugins:
             importlib.import_module(module)  # registers its own alert handlers (ipc.receive)
         loop.run_until_complete(self.writer.start())
+        if self.stop_requested:
+            return
+        for server in self.servers:
+            loop.run_until_complete(server.start_serving())
         loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
         loop.add_signal_handler(signal.SIGTERM, self.handle_term)
         loop.add_signal_handler(signal.SIGINT, self.handle_term)
+        if self.stop_requested:  # came between the last check and the loop's handlers
+            self.handle_quit()
         loop.call_later(TICK, self._tick)
         gc.freeze()  # boot-time objects never need collecting: keep them out of every GC pass
         log.info("worker serving", extra={"redis_ready": self.writer.ready})
@@ -116,6 +129,12 @@ class Worker:
         signal.set_wakeup_fd(-1)
         for sig in MASTER_SIGNALS:
             signal.signal(sig, signal.SIG_IGN if sig in IGNORED_SIGNALS else signal.SIG_DFL)
+        # Until boot is done a stop is only recorded: uvloop's own handlers lose a signal
+        # that arrives between two run_until_complete calls.
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._signal_during_boot)
+        # the master forked us with its signals blocked: pending ones arrive now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         for fd in self.close_fds:
             try:
                 os.close(fd)
@@ -123,6 +142,9 @@ class Worker:
                 pass
 
     # --- signals
+
+    def _signal_during_boot(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
 
     def handle_quit(self) -> None:
         """Graceful stop: stop accepting, finish in-flight requests, flush, exit."""

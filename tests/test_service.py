@@ -332,6 +332,20 @@ def test_connections_are_spread_over_the_workers(meteorit: Meteorit) -> None:
     assert sum(served) >= 64 and min(served) >= 10, served
 
 
+def test_quit_during_worker_boot_is_a_clean_stop(meteorit_factory: Callable[..., Meteorit]) -> None:
+    with socket.socket() as mute:  # a "Redis" that accepts and never answers: boot waits on PING
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        m = meteorit_factory({"redis": {"url": f"redis://127.0.0.1:{mute.getsockname()[1]}",
+                                        "timeout": 5}}, start=False)
+        m.start(wait=False)
+        wait_until(lambda: len(m.logs("worker started")) == 2, 10, "both workers forked")
+        m.signal(signal.SIGQUIT)
+        assert m.wait(timeout=30) == 0
+    assert len(m.logs("stopped during boot")) == 2
+    assert not any("failed to boot" in e["msg"] for e in m.logs())
+
+
 def test_worker_that_cannot_boot_stops_the_master(meteorit_factory: Callable[..., Meteorit],
                                                   redis_server: RedisServer) -> None:
     m = meteorit_factory({"redis": {"url": redis_server.url}}, start=False)
