@@ -37,10 +37,6 @@ class Auth:
     def __init__(self, keys: list[str]) -> None:
         self.keys = [k.encode() for k in keys]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
-
     def allows(self, headers: dict[bytes, bytes]) -> bool:
         presented = headers.get(b"x-api-key")
         if presented is None:

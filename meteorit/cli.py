@@ -17,8 +17,7 @@ from . import __version__, config, log
 from .errors import ConfigError
 
 EXIT_OK = 0
-EXIT_CONFIG = 1
-EXIT_USAGE = 2
+EXIT_CONFIG = 1  # argparse exits 2 on bad arguments
 
 
 def parser() -> argparse.ArgumentParser:

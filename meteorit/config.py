@@ -11,6 +11,7 @@ the defaults below.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tomllib
@@ -292,6 +293,6 @@ def reference_markdown() -> str:
     """The config reference table for the README, generated from SETTINGS."""
     rows = ["| key | default | env | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
-        default = repr(s.default).replace("'", '"')
+        default = json.dumps(s.default)  # TOML spelling: true, "1MiB", ["a"]
         rows.append(f"| `{s.name}` | `{default}` | {s.env or ''} | {s.help} |")
     return "\n".join(rows)

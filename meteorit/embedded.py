@@ -20,6 +20,8 @@ import signal
 import time
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .errors import EmbeddedRedisError
 
@@ -69,6 +71,8 @@ class EmbeddedRedis:
         self.pid = os.posix_spawn(binary, [binary, conf], dict(os.environ), setsid=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not self._answers():
+            if self._loading():
+                deadline = time.monotonic() + START_TIMEOUT  # a big AOF takes its time to load
             if self.poll_exited() or time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedRedisError(f"redis-server did not start: see {self.dir}/redis.log")
@@ -124,11 +128,25 @@ class EmbeddedRedis:
             raise EmbeddedRedisError(f"another meteorit uses {self.dir}; pick another redis.data_dir") from None
         self._lock_fd = fd
 
+    def _client(self, timeout: float = 1.0) -> redis.Redis:
+        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=timeout,
+                           retry=Retry(NoBackoff(), 0))  # one try: the caller polls
+
     def _answers(self) -> bool:
         try:
-            return bool(redis.Redis(unix_socket_path=self.socket_path, socket_timeout=1).ping())
+            return bool(self._client().ping())
         except (redis.RedisError, OSError):
             return False
+
+    def _loading(self) -> bool:
+        """Up, but still loading its AOF (PING answers LOADING)."""
+        try:
+            self._client().ping()
+        except redis.BusyLoadingError:
+            return True
+        except (redis.RedisError, OSError):
+            pass
+        return False
 
     def _stop_orphan(self) -> None:
         """A redis-server left by a master that was killed: we hold the lock, so it is ours."""
@@ -136,7 +154,7 @@ class EmbeddedRedis:
             return
         log.warning("stopping an embedded redis left by a previous run")
         try:
-            redis.Redis(unix_socket_path=self.socket_path, socket_timeout=STOP_TIMEOUT).shutdown()
+            self._client(STOP_TIMEOUT).shutdown()
         except (redis.RedisError, OSError):
             pass
         deadline = time.monotonic() + STOP_TIMEOUT

@@ -77,10 +77,6 @@ class Pipes:
                 pass  # over /proc/sys/fs/pipe-max-size: the default size works too
             self.fds[slot] = (r, w)
 
-    @property
-    def slots(self) -> int:
-        return len(self.fds) - 1
-
     def keep_only_reader(self, slot: int) -> None:
         """In a worker: close the read ends of the other slots' pipes."""
         for other, (r, _w) in self.fds.items():

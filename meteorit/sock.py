@@ -54,7 +54,7 @@ def bind_all(addresses: list[str], backlog: int, reuseport: bool = False) -> lis
 
 def bound_addresses(sockets: list[socket.socket]) -> list[str]:
     """The addresses to bind again for another slot: port 0 replaced by the port it got."""
-    return [f"unix:{s.getsockname()}" if s.family == socket.AF_UNIX else describe(s) for s in sockets]
+    return [describe(s) for s in sockets]
 
 
 def describe(sock: socket.socket) -> str:
