@@ -63,7 +63,8 @@ class Master:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.target = config.worker_count
-        self.sockets: list[socket.socket] = []  # slot 0's, the model for every other slot's
+        self.sockets: list[socket.socket] = []  # slot 0's first ones: unix sockets are shared
+        self.addresses: list[str] = []  # what each slot binds, with port 0 resolved
         self.listeners: dict[int, list[socket.socket]] = {}
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
@@ -102,6 +103,7 @@ class Master:
             log.warning("AUTH IS OFF: auth.keys is empty, anyone who reaches the port can post events")
         self.sockets = sock.bind_all(cfg.server.listen, cfg.server.backlog, cfg.server.reuseport)
         self.listeners[0] = self.sockets
+        self.addresses = sock.bound_addresses(self.sockets)
         if cfg.embedded_redis:
             self.redis = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.server_binary)
             self.redis.start()
@@ -278,11 +280,10 @@ class Master:
     def _listeners_for(self, slot: int) -> list[socket.socket]:
         """Slot 0's sockets, or with reuseport this slot's own TCP sockets on the same addresses."""
         if slot not in self.listeners:
-            addresses = sock.bound_addresses(self.sockets)
             self.listeners[slot] = [
                 s if s.family == socket.AF_UNIX or not self.config.server.reuseport
                 else sock.bind(address, self.config.server.backlog, reuseport=True)
-                for s, address in zip(self.sockets, addresses)]
+                for s, address in zip(self.sockets, self.addresses)]
         return self.listeners[slot]
 
     def _close_listeners(self, slot: int) -> None:
@@ -337,6 +338,11 @@ class Master:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (crashes - 1))
         self.next_start[worker.slot] = now + delay
         log.error("worker %s; respawning in %.1fs", how, delay, extra={**fields, "crashes": crashes})
+        if self.config.server.reuseport and any(slot != worker.slot for slot in self.workers):
+            # Out of the kernel's balancing group until the respawn, so new connections go to
+            # the live workers instead of waiting in a backlog nobody accepts; the respawn
+            # binds afresh. (Connections already queued there are reset.)
+            self._close_listeners(worker.slot)
 
     def _announce_table(self) -> None:
         """The master is the one authority on slot -> pid: every change goes to every worker."""

@@ -239,6 +239,20 @@ def test_killed_worker_is_respawned(meteorit: Meteorit, redis: redislib.Redis) -
     assert meteorit.worker_pids()[1] == old[1]
 
 
+def test_a_slot_waiting_out_its_respawn_backoff_takes_no_connections(meteorit: Meteorit) -> None:
+    for crash in range(4):  # quick crashes: the 4th respawn waits 0.8 s
+        pid = meteorit.worker_pids()[1]
+        os.kill(pid, signal.SIGKILL)
+        if crash < 3:
+            wait_until(lambda: meteorit.worker_pids()[1] != pid, 10, "the respawn")
+    wait_until(lambda: meteorit.logs("worker killed by SIGKILL; respawning in 0.8s"), 10, "the backoff")
+    for _ in range(20):  # slot 1 is empty now: every connection must reach slot 0 at once
+        with socket.create_connection(("127.0.0.1", meteorit.port), timeout=0.5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+    wait_until(lambda: meteorit.worker_pids()[1] != pid, 10, "the last respawn")
+
+
 class Load:
     """Threads posting batches over keep-alive connections until stopped; counts what
     got a 202 (acknowledged) and what did not."""
