@@ -69,12 +69,10 @@ class Worker:
             log.exception("worker failed to boot: %s", exc)
             return EXIT_BOOT_ERROR
         assert self.loop is not None and self.writer is not None
-        if self.stop_requested:
-            log.info("stopped during boot")
-            self.loop.run_until_complete(self.writer.close())
-            self.loop.close()
-            return EXIT_OK
         try:
+            if self.stop_requested:
+                log.info("stopped during boot")
+                return EXIT_OK
             self.loop.run_forever()
         finally:
             self.loop.run_until_complete(self.writer.close())
