@@ -161,8 +161,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             # httptools calls on_header only once a line ends: a header line that never
             # ends would grow unseen, so count raw bytes until the headers are complete.
-            # a chunk in which a message began is counted by on_url/on_header alone: it may
-            # carry the previous request's body
+            # A chunk in which a message began is left to on_url/on_header: it may carry
+            # the previous request's body.
             if was_in_headers and self.in_headers and not self.began:
                 self.header_bytes += len(data)
                 if self.header_bytes > self.limits.max_header_size:
