@@ -103,7 +103,7 @@ class Master:
             log.warning("AUTH IS OFF: auth.keys is empty, anyone who reaches the port can post events")
         self.sockets = sock.bind_all(cfg.server.listen, cfg.server.backlog, cfg.server.reuseport)
         self.listeners[0] = self.sockets
-        self.addresses = sock.bound_addresses(self.sockets)
+        self.addresses = [sock.describe(s) for s in self.sockets]  # port 0 resolved
         if cfg.embedded_redis:
             self.redis = EmbeddedRedis(cfg.redis.data_dir, cfg.redis.server_binary)
             self.redis.start()
@@ -114,7 +114,7 @@ class Master:
         self.bus.attach_selector(self.selector)
         ipc.install(self.bus)
         log.info("meteorit starting", extra={
-            "listen": [sock.describe(s) for s in self.sockets], "workers": self.target,
+            "listen": self.addresses, "workers": self.target,
             "queue": cfg.redis.queue, "config_version": cfg.version})
         for slot in range(self.target):
             self.spawn(slot)

@@ -52,11 +52,6 @@ def bind_all(addresses: list[str], backlog: int, reuseport: bool = False) -> lis
     return sockets
 
 
-def bound_addresses(sockets: list[socket.socket]) -> list[str]:
-    """The addresses to bind again for another slot: port 0 replaced by the port it got."""
-    return [describe(s) for s in sockets]
-
-
 def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if isinstance(name, str):

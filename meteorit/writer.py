@@ -38,6 +38,7 @@ from .errors import WriterUnavailable
 log = logging.getLogger("meteorit.writer")
 
 PROBE_INTERVAL = 0.5  # seconds between PINGs while Redis is unreachable
+PING = hiredis.pack_command((b"PING",))
 HEARTBEAT = 1.0  # an idle connection is PINGed this often, so /readyz notices a dead Redis
 
 Done = Callable[[Exception | None], None]
@@ -70,7 +71,7 @@ class RedisWriter:
     async def start(self) -> None:
         """Check Redis once; an unreachable Redis is not fatal, the probe keeps trying."""
         try:
-            await self._command(b"PING")
+            await self._command(PING)
         except (RedisError, OSError) as exc:
             self._went_down(exc)
         self._spawn(self._heartbeat())
@@ -139,7 +140,7 @@ class RedisWriter:
 
     async def _write(self, values: list[bytes]) -> Exception | None:
         try:
-            await self._command(b"RPUSH", self.queue, *values)
+            await self._command(pack_rpush(self.queue, values))
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self.write_errors += 1
             self._went_down(exc)
@@ -152,10 +153,9 @@ class RedisWriter:
         self.events_written += len(values)
         return None
 
-    async def _command(self, *args: bytes) -> object:
-        """One command and its reply; one retry when the connection broke. Timeouts are
-        not retried, so a slow Redis costs one timeout, not several."""
-        packed = hiredis.pack_command(args)
+    async def _command(self, packed: bytes) -> object:
+        """One packed command and its reply; one retry when the connection broke.
+        Timeouts are not retried, so a slow Redis costs one timeout, not several."""
         async with self._lock:
             reply = await self._exchange(packed)
         self._last_ok = time.monotonic()
@@ -180,7 +180,7 @@ class RedisWriter:
             await asyncio.sleep(HEARTBEAT)
             if self.ready and not self.flushing and time.monotonic() - self._last_ok >= HEARTBEAT:
                 try:
-                    await self._command(b"PING")
+                    await self._command(PING)
                 except (RedisError, OSError) as exc:
                     self._went_down(exc)
 
@@ -194,7 +194,7 @@ class RedisWriter:
         while not self.ready:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                await self._command(b"PING")
+                await self._command(PING)
             except (RedisError, OSError):
                 continue
             self.ready = True
@@ -208,5 +208,5 @@ class RedisWriter:
 
 
 def pack_rpush(queue: bytes, values: list[bytes]) -> bytes:
-    """The wire bytes of one group-commit RPUSH (for the micro-benchmark)."""
+    """The wire bytes of one group-commit RPUSH, packed in C."""
     return hiredis.pack_command((b"RPUSH", queue, *values))
