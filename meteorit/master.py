@@ -33,7 +33,7 @@ from .config import Config
 from .embedded import EmbeddedRedis
 from .errors import IpcError, MeteoritError
 from .ipc import MASTER_SLOT, Bus, Pipes
-from .worker import EXIT_BOOT_ERROR, Worker
+from .worker import EXIT_BOOT_ERROR, READY_ALERT, Worker
 
 log = logging.getLogger("meteorit.master")
 
@@ -51,6 +51,8 @@ class WorkerProcess:
     slot: int
     pid: int
     started: float
+    ready: bool = False  # it sent `worker.ready`: it serves HTTP
+    version: str = ""  # the config version it last acknowledged
 
 
 def describe_exit(status: int) -> str:
@@ -112,6 +114,7 @@ class Master:
         self.pipes = Pipes(cfg.server.max_workers)
         self.bus = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
         self.bus.attach_selector(self.selector)
+        self.bus.receive(READY_ALERT, self._on_worker_ready)
         ipc.install(self.bus)
         log.info("meteorit starting", extra={
             "listen": self.addresses, "workers": self.target,
@@ -343,6 +346,22 @@ class Master:
             # the live workers instead of waiting in a backlog nobody accepts; the respawn
             # binds afresh. (Connections already queued there are reset.)
             self._close_listeners(worker.slot)
+
+    def _on_worker_ready(self, data: bytes) -> None:
+        worker = self._worker_by_pid(ipc.sender)
+        if worker is None:
+            return  # it died since; the reaper has the rest
+        worker.ready = True
+        worker.version = data.decode(errors="replace")
+        log.info("worker ready", extra={"slot": worker.slot, "worker_pid": worker.pid,
+                                        "config_version": worker.version})
+
+    def all_ready(self) -> bool:
+        """Every wanted worker runs and serves HTTP."""
+        return len(self.workers) >= self.target and all(w.ready for w in self.workers.values())
+
+    def _worker_by_pid(self, pid: int | None) -> WorkerProcess | None:
+        return next((w for w in self.workers.values() if w.pid == pid), None)
 
     def _announce_table(self) -> None:
         """The master is the one authority on slot -> pid: every change goes to every worker."""

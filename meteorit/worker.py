@@ -34,6 +34,8 @@ log = logging.getLogger("meteorit.worker")
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # the master halts instead of respawning a worker that cannot boot
 
+READY_ALERT = "worker.ready"  # to the master once serving; data: the config version
+
 TICK = 1.0  # seconds: Date header, timeout sweep, orphan check
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT) + IGNORED_SIGNALS
@@ -122,6 +124,7 @@ class Worker:
         loop.call_later(TICK, self._tick)
         gc.freeze()  # boot-time objects never need collecting: keep them out of every GC pass
         log.info("worker serving", extra={"redis_ready": self.writer.ready})
+        self.bus.send(self.master_pid, READY_ALERT, cfg.version)
 
     def _reset_inherited_state(self) -> None:
         signal.set_wakeup_fd(-1)
