@@ -24,6 +24,10 @@ from redis.connection import parse_url as parse_redis_url
 from .errors import ConfigError
 
 EMBEDDED = "embedded"
+# What a reload does when a setting changed (see `reload_plan`):
+HOT = "hot"  # sent to the running workers, applied between requests
+REPLACE = "replace"  # workers are replaced one at a time (new one ready, then old one QUIT)
+RESTART = "restart"  # cannot change while running: the reload is refused
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -63,6 +67,12 @@ def size(value: Any) -> int:
             raise ValueError(f"must be a size such as 65536, \"64KiB\" or \"1MiB\", got {value!r}")
         value = int(match.group(1)) * _SIZE_UNITS[match.group(2) and match.group(2).lower()]
     return positive_int(value)
+
+
+def str_value(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
 
 
 def boolean(value: Any) -> bool:
@@ -148,6 +158,7 @@ class Setting:
     parse: Callable[[Any], Any]
     help: str
     env: str | None = None
+    reload: str = REPLACE
 
     @property
     def name(self) -> str:
@@ -163,7 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
             "One SO_REUSEPORT socket per worker, so the kernel spreads connections evenly; false: one shared socket."),
     Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket."),
     Setting("server", "max_workers", 32, positive_int,
-            "Most workers TTIN may grow to; one IPC pipe per slot is made at start."),
+            "Most workers TTIN may grow to; one IPC pipe per slot is made at start.", reload=RESTART),
     Setting("server", "plugins", [], module_list,
             "Python modules each worker imports after boot, e.g. to add alert handlers with ipc.receive."),
     Setting("server", "graceful_timeout", 30.0, positive_seconds,
@@ -171,31 +182,42 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", "url", EMBEDDED, redis_url,
             "\"embedded\" (a private redis-server the master supervises) or a redis:// / unix:// URL.",
             "METEORIT_REDIS_URL"),
-    Setting("redis", "queue", "meteorit:events", non_empty_str, "The Redis list events are pushed to."),
+    Setting("redis", "queue", "meteorit:events", non_empty_str, "The Redis list events are pushed to.", reload=HOT),
     Setting("redis", "timeout", 5.0, positive_seconds, "Connect and command timeout towards Redis."),
     Setting("redis", "batch_max_events", 10000, positive_int, "Most events in one group-commit RPUSH."),
     Setting("redis", "batch_max_bytes", "4MiB", size, "Most bytes in one group-commit RPUSH."),
     Setting("redis", "max_pending_bytes", "64MiB", size,
             "Most bytes of events a worker holds waiting for Redis; past it, 503."),
     Setting("redis", "data_dir", "var/redis", non_empty_str,
-            "Embedded Redis only: its data (AOF), socket and log; relative to the working directory."),
-    Setting("redis", "server_binary", "redis-server", non_empty_str, "Embedded Redis only: the binary to run."),
-    Setting("auth", "keys", [], api_keys, "Accepted API keys; an empty list turns auth off (logged loudly)."),
-    Setting("limits", "max_body", "1MiB", size, "Largest request body; past it, 413."),
+            "Embedded Redis only: its data (AOF), socket and log; relative to the working directory.", reload=RESTART),
+    Setting("redis", "server_binary", "redis-server", non_empty_str, "Embedded Redis only: the binary to run.", reload=RESTART),
+    Setting("auth", "keys", [], api_keys, "Accepted API keys; an empty list turns auth off (logged loudly).", reload=HOT),
+    Setting("limits", "max_body", "1MiB", size, "Largest request body; past it, 413.", reload=HOT),
     Setting("limits", "max_event_size", "64KiB", size,
-            "Largest event, measured as its queue record (with id and received_at); past it, 413."),
-    Setting("limits", "max_events_per_request", 1000, positive_int, "Most events in one request; past it, 413."),
-    Setting("limits", "max_header_size", "16KiB", size, "Largest request line plus headers; past it, 431."),
-    Setting("limits", "max_headers", 100, positive_int, "Most header fields in one request; past it, 431."),
+            "Largest event, measured as its queue record (with id and received_at); past it, 413.", reload=HOT),
+    Setting("limits", "max_events_per_request", 1000, positive_int, "Most events in one request; past it, 413.", reload=HOT),
+    Setting("limits", "max_header_size", "16KiB", size, "Largest request line plus headers; past it, 431.", reload=HOT),
+    Setting("limits", "max_headers", 100, positive_int, "Most header fields in one request; past it, 431.", reload=HOT),
     Setting("limits", "max_pipeline", 32, positive_int,
-            "Most pipelined requests a connection may have waiting; reading pauses beyond."),
-    Setting("limits", "max_connections", 4096, positive_int, "Most open connections per worker; beyond, 503."),
+            "Most pipelined requests a connection may have waiting; reading pauses beyond.", reload=HOT),
+    Setting("limits", "max_connections", 4096, positive_int, "Most open connections per worker; beyond, 503.", reload=HOT),
     Setting("limits", "header_timeout", 10.0, positive_seconds,
-            "From a request's first byte to the end of its headers; past it, 408."),
-    Setting("limits", "body_timeout", 30.0, positive_seconds, "From the end of the headers to the end of the body; past it, 408."),
-    Setting("limits", "keepalive_timeout", 75.0, positive_seconds, "An idle connection is closed after this."),
-    Setting("log", "level", "info", one_of("debug", "info", "warning", "error"), "Log level."),
-    Setting("log", "format", "json", one_of("json", "text"), "\"json\": one object per line; \"text\" for humans."),
+            "From a request's first byte to the end of its headers; past it, 408.", reload=HOT),
+    Setting("limits", "body_timeout", 30.0, positive_seconds, "From the end of the headers to the end of the body; past it, 408.", reload=HOT),
+    Setting("limits", "keepalive_timeout", 75.0, positive_seconds, "An idle connection is closed after this.", reload=HOT),
+    Setting("limits", "key_rate", 0, non_negative_int,
+            "Events per second each API key may send, summed over all workers; past it, 429. 0: no limit.",
+            reload=HOT),
+    Setting("limits", "key_burst", 0, non_negative_int,
+            "Events a key may send at once above its rate; 0: one second's worth of key_rate.", reload=HOT),
+    Setting("control", "socket", "var/run/meteorit.sock", non_empty_str,
+            "The master's Unix control socket, for meteoritctl; relative to the working directory.",
+            reload=RESTART),
+    Setting("control", "group", "", str_value,
+            "A group whose members may use the control socket too (mode 0660); empty: 0600, the "
+            "service's own user and root only.", reload=RESTART),
+    Setting("log", "level", "info", one_of("debug", "info", "warning", "error"), "Log level.", reload=HOT),
+    Setting("log", "format", "json", one_of("json", "text"), "\"json\": one object per line; \"text\" for humans.", reload=RESTART),
 )
 
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
@@ -207,6 +229,7 @@ class Config:
 
     values: dict[str, Any]
     path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # flags given at start, kept on reload
     sections: dict[str, SimpleNamespace] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -282,17 +305,48 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         if value is not None:
             raw[name] = value
     values = {s.name: _check(s, raw.get(s.name, s.default)) for s in SETTINGS}
-    cfg = Config(values=values, path=path)
+    cfg = Config(values=values, path=path,
+                 overrides={k: v for k, v in (overrides or {}).items() if v is not None})
     if cfg.worker_count > cfg.server.max_workers:
         raise ConfigError("server.workers", f"{cfg.worker_count} workers is over server.max_workers "
                           f"({cfg.server.max_workers})")
     return cfg
 
 
+def reload(current: Config) -> Config:
+    """The config file read again, with the flags given at start; ConfigError if invalid."""
+    return load(current.path, overrides=current.overrides)
+
+
+@dataclass
+class ReloadPlan:
+    changed: list[str]
+    hot: list[str]
+    replace: list[str]
+
+    @property
+    def mode(self) -> str:
+        return "none" if not self.changed else REPLACE if self.replace else HOT
+
+
+def reload_plan(old: Config, new: Config) -> ReloadPlan:
+    """What a reload from `old` to `new` must do; ConfigError names a key that needs a restart.
+    The worker count alone is changed by scaling, like TTIN/TTOU, not by replacing workers."""
+    by_name = {s.name: s for s in SETTINGS}
+    changed = [name for name in by_name if old.values[name] != new.values[name]]
+    for name in changed:
+        if by_name[name].reload == RESTART or (
+                name == "redis.url" and EMBEDDED in (old.values[name], new.values[name])):
+            raise ConfigError(name, "cannot change while meteorit runs; restart it to apply")
+    hot = [name for name in changed if by_name[name].reload == HOT]
+    replace = [name for name in changed if by_name[name].reload == REPLACE and name != "server.workers"]
+    return ReloadPlan(changed, hot, replace)
+
+
 def reference_markdown() -> str:
     """The config reference table for the README, generated from SETTINGS."""
-    rows = ["| key | default | env | meaning |", "|---|---|---|---|"]
+    rows = ["| key | default | env | on reload | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = json.dumps(s.default)  # TOML spelling: true, "1MiB", ["a"]
-        rows.append(f"| `{s.name}` | `{default}` | {s.env or ''} | {s.help} |")
+        rows.append(f"| `{s.name}` | `{default}` | {s.env or ''} | {s.reload} | {s.help} |")
     return "\n".join(rows)

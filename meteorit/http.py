@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from time import monotonic
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -52,7 +52,7 @@ class _LimitExceeded(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("app", "limits", "connections", "stopping", "on_idle")
+    __slots__ = ("app", "limits", "connections", "stopping", "on_idle", "errors")
 
     def __init__(self, app: App, limits: SimpleNamespace) -> None:
         self.app = app
@@ -60,6 +60,7 @@ class ServerState:
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
         self.on_idle: asyncio.Event | None = None  # set when the last connection goes
+        self.errors: Counter[int] = Counter()  # statuses answered here, before the app saw a request
 
     def check_timeouts(self) -> None:
         now = monotonic()
@@ -124,6 +125,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
         connections = self.state.connections
         if self.state.stopping or len(connections) >= self.limits.max_connections:
+            self.state.errors[503] += 1
             transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE,
                                   b"Retry-After: 1\r\n"))
             self.closed = True
@@ -361,4 +363,5 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         exchange = Exchange(self, CONNECTION_CLOSE, True)
         self.pending.append(exchange)
+        self.state.errors[status] += 1
         exchange.reply(status, error_body(message))

@@ -88,13 +88,23 @@ class Pipes:
 
 
 class _Waiter:
-    """Replies awaited by request() or gather()."""
+    """Replies awaited by request(), gather() or, in the master, expect()."""
 
-    def __init__(self, expected: set[int], future: asyncio.Future[dict[int, bytes]]) -> None:
+    def __init__(self, expected: set[int],
+                 on_complete: Callable[[dict[int, bytes]], None] | None = None) -> None:
         self.expected = expected
-        self.future = future
+        self.on_complete = on_complete
         self.replies: dict[int, bytes] = {}
+        self.left: set[int] = set()  # expected, but left the bus before replying
         self._check()  # nobody to wait for: done at once
+
+    @property
+    def complete(self) -> bool:
+        return self.expected <= self.replies.keys()
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted((self.expected - self.replies.keys()) | self.left)
 
     def add(self, pid: int, data: bytes) -> None:
         if pid in self.expected and pid not in self.replies:
@@ -102,12 +112,22 @@ class _Waiter:
             self._check()
 
     def forget(self, pid: int) -> None:
+        if pid in self.expected and pid not in self.replies:
+            self.left.add(pid)
         self.expected.discard(pid)
         self._check()
 
     def _check(self) -> None:
-        if not self.future.done() and self.expected <= self.replies.keys():
-            self.future.set_result(self.replies)
+        if self.on_complete is not None and self.complete:
+            done, self.on_complete = self.on_complete, None
+            done(self.replies)
+
+
+def _resolver(future: asyncio.Future[dict[int, bytes]]) -> Callable[[dict[int, bytes]], None]:
+    def resolve(replies: dict[int, bytes]) -> None:
+        if not future.done():
+            future.set_result(replies)
+    return resolve
 
 
 class Bus:
@@ -344,7 +364,7 @@ class Bus:
     async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
         alert_id = self.send(pid, name, data)
-        self.waiters[alert_id] = _Waiter({pid}, future)
+        self.waiters[alert_id] = _Waiter({pid}, _resolver(future))
         try:
             replies = await asyncio.wait_for(future, timeout)
         finally:
@@ -357,7 +377,7 @@ class Bus:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
         expected = set(self.worker_pids)
         alert_id = self.broadcast(name, data)
-        waiter = self.waiters[alert_id] = _Waiter(expected, future)
+        waiter = self.waiters[alert_id] = _Waiter(expected, _resolver(future))
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
@@ -365,6 +385,16 @@ class Bus:
         finally:
             self.waiters.pop(alert_id, None)
         return dict(waiter.replies)
+
+    def expect(self, alert_id: int, pids: set[int]) -> _Waiter:
+        """For hosts without asyncio (the master): collect the replies to `alert_id` from
+        `pids`; poll `complete`, read `replies` and `missing`, and `forget_waiter` when done.
+        A pid that leaves the table stops being waited for."""
+        waiter = self.waiters[alert_id] = _Waiter(set(pids) & set(self.slot_of))
+        return waiter
+
+    def forget_waiter(self, alert_id: int) -> None:
+        self.waiters.pop(alert_id, None)
 
     def stats(self) -> dict[str, int]:
         r = self.reassembler

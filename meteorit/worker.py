@@ -17,15 +17,20 @@ import logging
 import os
 import signal
 import socket
+import time
 
+import msgpack
+import orjson
 import uvloop
 
-from . import ipc
+from . import ipc, metrics
 from . import log as logsetup
 from .app import EventsApp
 from .config import Config
+from .errors import IpcError
 from .http import HttpProtocol, ServerState
 from .ipc import Bus, Pipes
+from .ratelimit import REBALANCE
 from .response import Clock
 from .writer import RedisWriter
 
@@ -35,6 +40,13 @@ EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # the master halts instead of respawning a worker that cannot boot
 
 READY_ALERT = "worker.ready"  # to the master once serving; data: the config version
+# Built-in alerts every worker answers:
+PING_ALERT = "ping"  # any data; replies {"pid", "version"} as JSON
+CONFIG_ALERT = "config.apply"  # msgpack of the settings; applies the hot ones, replies the version
+STATS_ALERT = "stats.get"  # replies this worker's counters (msgpack)
+RATE_ALERT = "rate.demand"  # broadcast by each worker: its per-key demand, for the rate shares
+MASTER_STATS_ALERT = "master.stats"  # asked of the master: its own counters
+STATS_TIMEOUT = 0.5  # seconds /metrics waits for the workers' counters
 
 TICK = 1.0  # seconds: Date header, timeout sweep, orphan check
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
@@ -61,6 +73,7 @@ class Worker:
         self.state: ServerState | None = None
         self.writer: RedisWriter | None = None
         self.app: EventsApp | None = None
+        self.started = time.monotonic()
 
     def run(self) -> int:
         """The body of the child process; returns its exit code."""
@@ -98,7 +111,7 @@ class Worker:
         self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
                                   cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
                                   cfg.redis.max_pending_bytes)
-        self.app = EventsApp(cfg, self.writer)
+        self.app = EventsApp(cfg, self.writer, self._collect_stats)
         self.state = state = ServerState(self.app, cfg.limits)
         for sock in self.sockets:
             server = loop.run_until_complete(loop.create_server(
@@ -109,6 +122,7 @@ class Worker:
         self.bus = Bus(self.pipes, self.slot, os.getpid(), self.table)
         self.bus.attach_loop(loop)
         ipc.install(self.bus)
+        self._receive_builtin_alerts()
         for module in cfg.server.plugins:
             importlib.import_module(module)  # registers its own alert handlers (ipc.receive)
         loop.run_until_complete(self.writer.start())
@@ -122,6 +136,7 @@ class Worker:
         if self.stop_requested:  # came between the last check and the loop's handlers
             self.handle_quit()
         loop.call_later(TICK, self._tick)
+        loop.call_later(REBALANCE, self._report_demand)
         gc.freeze()  # boot-time objects never need collecting: keep them out of every GC pass
         log.info("worker serving", extra={"redis_ready": self.writer.ready})
         self.bus.send(self.master_pid, READY_ALERT, cfg.version)
@@ -186,6 +201,74 @@ class Worker:
         self.state.stopping = True
         for server in self.servers:
             server.close()
+
+    # --- built-in alerts
+
+    def _receive_builtin_alerts(self) -> None:
+        ipc.receive({PING_ALERT: self._on_ping, CONFIG_ALERT: self._on_config,
+                     STATS_ALERT: self._on_stats, RATE_ALERT: self._on_demand})
+
+    def _on_ping(self, data: bytes) -> None:
+        ipc.reply("pong", orjson.dumps({"pid": os.getpid(), "version": self.config.version}))
+
+    def _on_config(self, data: bytes) -> None:
+        """A reload's hot settings, applied between two requests (this runs on the loop)."""
+        assert self.app is not None and self.state is not None and self.writer is not None
+        new = Config(values=msgpack.unpackb(data), path=self.config.path)
+        self.app.reconfigure(new)
+        vars(self.state.limits).update(vars(new.limits))  # every connection reads this object
+        self.writer.queue = new.redis.queue.encode()
+        logging.getLogger().setLevel(new.log.level.upper())
+        self.config = new
+        log.info("config applied", extra={"config_version": new.version})
+        ipc.reply("config.applied", new.version)
+
+    def _on_stats(self, data: bytes) -> None:
+        ipc.reply("stats", msgpack.packb(self.snapshot()))
+
+    def snapshot(self) -> metrics.Snapshot:
+        assert self.app is not None and self.writer is not None and self.state is not None
+        counters = self.app.counters
+        for status, n in self.state.errors.items():  # answered by http.py: count them too
+            counters.requests[status] += n
+        self.state.errors.clear()
+        return metrics.worker_snapshot(counters, self.writer.batch_sizes, {
+            "pid": os.getpid(), "slot": self.slot, "version": self.config.version,
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "connections": len(self.state.connections),
+            "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors})
+
+    async def _collect_stats(self) -> metrics.Snapshot:
+        """Every worker's counters over the bus, and the master's: for /metrics and /v1/stats."""
+        assert self.bus is not None
+        expected = set(self.bus.worker_pids)
+        replies = await self.bus.gather(STATS_ALERT, b"", STATS_TIMEOUT)
+        try:
+            master = msgpack.unpackb(await self.bus.request(
+                self.master_pid, MASTER_STATS_ALERT, b"", STATS_TIMEOUT))
+        except (asyncio.TimeoutError, IpcError):
+            master = None
+        workers = [msgpack.unpackb(data) for data in replies.values()]
+        return metrics.stats_document(workers, sorted(expected - replies.keys()), master)
+
+    def _report_demand(self) -> None:
+        assert self.app is not None and self.loop is not None and self.bus is not None
+        rates = self.app.rates  # a reload may switch the limits on or off: keep the timer going
+        if self.stopping:
+            return
+        if rates.enabled:
+            try:
+                self.bus.broadcast(RATE_ALERT, msgpack.packb([self.config.version, rates.take_report()]))
+            except IpcError as exc:
+                log.warning("rate demand not sent: %s", exc)
+            rates.rebalance(os.getpid(), self.bus.worker_pids, time.monotonic())
+        self.loop.call_later(REBALANCE, self._report_demand)
+
+    def _on_demand(self, data: bytes) -> None:
+        assert self.app is not None
+        version, report = msgpack.unpackb(data, strict_map_key=False)
+        if version == self.config.version and ipc.sender is not None:
+            self.app.rates.record(ipc.sender, report)
 
     def _tick(self) -> None:
         assert self.loop is not None and self.state is not None

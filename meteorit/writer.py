@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import WriterUnavailable
+from .metrics import BATCH_BUCKETS, Histogram
 
 log = logging.getLogger("meteorit.writer")
 
@@ -67,6 +68,7 @@ class RedisWriter:
         self.writes = 0
         self.write_errors = 0
         self.events_written = 0
+        self.batch_sizes = Histogram(BATCH_BUCKETS)  # events per acknowledged RPUSH, for /metrics
 
     async def start(self) -> None:
         """Check Redis once; an unreachable Redis is not fatal, the probe keeps trying."""
@@ -151,6 +153,7 @@ class RedisWriter:
             return exc
         self.writes += 1
         self.events_written += len(values)
+        self.batch_sizes.observe(len(values))
         return None
 
     async def _command(self, packed: bytes) -> object:
