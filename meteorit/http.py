@@ -102,6 +102,7 @@ class HttpProtocol(asyncio.Protocol):
         self.lost = False  # connection_lost ran: the transport is gone
         self.lingering = 0  # bytes still to drop after an error response, before closing
         self.closing = False  # answer what is in hand, then close
+        self.last_request = False  # answer one more request, then close
         self.failed = False  # the byte stream is unusable: ignore the rest of it
         self.in_message = False
         self.in_headers = False
@@ -124,7 +125,12 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         connections = self.state.connections
-        if self.state.stopping or len(connections) >= self.limits.max_connections:
+        if self.state.stopping and len(connections) < self.limits.max_connections:
+            # Accepted in the same turn as the stop (uvloop accepts a burst, then calls us):
+            # the client sent its request to a worker that was still listening, so answer
+            # it, with Connection: close, instead of refusing work it had every right to send.
+            self.last_request = True
+        elif len(connections) >= self.limits.max_connections:
             self.state.errors[503] += 1
             transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE,
                                   b"Retry-After: 1\r\n"))
@@ -241,7 +247,7 @@ class HttpProtocol(asyncio.Protocol):
         parts = self.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parser = self.parser
-        keep_alive = parser.should_keep_alive() and not self.closing
+        keep_alive = parser.should_keep_alive() and not self.closing and not self.last_request
         if keep_alive:
             connection = b"" if parser.get_http_version() == "1.1" else CONNECTION_KEEP_ALIVE
         else:
