@@ -42,6 +42,7 @@ LENGTH = struct.Struct(">I")
 MAX_FRAME = MAX_ALERT + 64 * 1024  # room for the largest alert an operator may broadcast
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit with a partial frame or no request
+REFUSED_LINGER = 2.0  # seconds a refused peer has to read its error before the close
 PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 Request = dict[str, Any]
@@ -85,6 +86,7 @@ class Connection:
         self.busy = False  # a request is being handled: the next one waits
         self.closing = False
         self.closed = False
+        self.refused = False  # told why it may not talk to us: what it sends is dropped
         self.last_active = time.monotonic()
         self.as_json = False
 
@@ -189,7 +191,8 @@ class ControlServer:
     def sweep(self, now: float) -> None:
         """Close connections idle past IDLE_TIMEOUT (a request being handled is not idle)."""
         for conn in list(self.connections):
-            if not conn.busy and now - conn.last_active > IDLE_TIMEOUT:
+            idle = now - conn.last_active
+            if (conn.refused and idle > REFUSED_LINGER) or (not conn.busy and idle > IDLE_TIMEOUT):
                 self._close(conn)
 
     def _accept(self) -> None:
@@ -206,22 +209,26 @@ class ControlServer:
             pid, uid, _gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                              PEERCRED.size))
             conn = Connection(self, sock, uid, pid)
-            if not self._allowed(uid):
-                log.warning("control socket: refused uid %d (pid %d)", uid, pid)
-                self._refuse(conn, f"permission denied: uid {uid} may not use this control socket")
-                continue
             if len(self.connections) >= MAX_CONNECTIONS:
-                self._refuse(conn, f"too many control connections (limit {MAX_CONNECTIONS})")
+                log.warning("control socket: too many connections, refused pid %d", pid)
+                sock.close()
                 continue
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, ("control", conn))
+            if not self._allowed(uid):
+                log.warning("control socket: refused uid %d (pid %d)", uid, pid)
+                self._refuse(conn, f"permission denied: uid {uid} may not use this control socket")
 
     def _refuse(self, conn: Connection, error: str) -> None:
+        """The reason, then FIN; what the peer still sends is read and dropped until it
+        closes (or REFUSED_LINGER): closing with its bytes unread would send a reset that
+        can destroy the reason before the peer reads it."""
+        conn.refused = True
         try:
             conn.sock.send(encode({"ok": False, "error": error}, False))
+            conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        conn.sock.close()
+            self._close(conn)
 
     def _allowed(self, uid: int) -> bool:
         if uid == 0 or uid == os.geteuid():
@@ -243,6 +250,8 @@ class ControlServer:
             data = b""
         if not data:
             self._close(conn)
+            return
+        if conn.refused:
             return
         conn.last_active = time.monotonic()
         conn.inbox += data
