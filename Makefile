@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := redis-server wrk  # each package installs a command of the same name
 
-.PHONY: run test bench system-deps
+.PHONY: run test bench package system-deps
 
 run: $(VENV)/.installed system-deps
 	$(VENV)/bin/meteorit -c conf/meteorit.toml
@@ -16,6 +16,9 @@ test: $(VENV)/.installed system-deps
 
 bench: $(VENV)/.installed system-deps
 	$(PY) bin/meteorit-bench
+
+package:  # dist/: sdist, wheel and meteorit_VERSION-1_ARCH.deb (see bin/meteorit-package)
+	bin/meteorit-package
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)

@@ -5,9 +5,10 @@ into statuses, and the worker's request counters. Must not touch: sockets (http)
 (writer: events go to Redis only through `RedisWriter.submit`) or the bus (the worker
 gives the app a `collect_stats` coroutine that gathers every worker's counters).
 
-    POST /v1/events   202 {"accepted": N} once Redis acknowledged every event
+    POST /v1/events   202 {"accepted": N} once Redis acknowledged every event, or
+                      202 {"accepted": N, "spooled": true} once the spool has them
     GET  /healthz     200 while the worker runs
-    GET  /readyz      200 when Redis can take events, else 503
+    GET  /readyz      200 when Redis or the spool can take events, else 503
     GET  /metrics     every worker's counters and their sums, Prometheus text
     GET  /v1/stats    the same as JSON
 """
@@ -36,6 +37,8 @@ RETRY_AFTER = b"Retry-After: 1\r\n"
 ALLOW_POST = b"Allow: POST\r\n"
 ALLOW_GET = b"Allow: GET\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="meteorit"\r\n'
+ACCEPTED_BODY = b'{"accepted":%d}'
+SPOOLED_BODY = b'{"accepted":%d,"spooled":true}'  # on disk, replayed into Redis once it is back
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 STATS_CACHE = 0.5  # seconds a gathered stats document answers further scrapes
 
@@ -107,8 +110,9 @@ class EventsApp:
         if path == b"/healthz":
             return self._reply(exchange, start, 200, b"ok\n", b"", TEXT_TYPE)
         if path == b"/readyz":
-            if not self.writer.ready:
-                return self._reply(exchange, start, 503, b"redis unreachable\n", RETRY_AFTER, TEXT_TYPE)
+            refusal = self.writer.refusal  # Redis or the spool can take events, else shedding
+            if refusal is not None:
+                return self._reply(exchange, start, 503, refusal.encode() + b"\n", RETRY_AFTER, TEXT_TYPE)
             return self._reply(exchange, start, 200, b"ok\n", b"", TEXT_TYPE)
         if path == b"/metrics" or path == b"/v1/stats":
             return self.get_stats(exchange, start, prometheus=path == b"/metrics")
@@ -140,10 +144,10 @@ class EventsApp:
                                     error_body("over this API key's rate limit"),
                                     b"Retry-After: %d\r\n" % retry_after(wait))
 
-        def done(error: Exception | None) -> None:
+        def done(error: Exception | None, spooled: bool) -> None:
             if error is None:
                 self.counters.events_accepted += len(records)
-                self._reply(exchange, start, 202, b'{"accepted":%d}' % len(records))
+                self._reply(exchange, start, 202, (SPOOLED_BODY if spooled else ACCEPTED_BODY) % len(records))
             else:
                 self._reject(exchange, start, 503, len(records), error_body("queue unavailable"), RETRY_AFTER)
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, config, log
+from . import __version__, config, log, privileges
 from .errors import ConfigError
 
 EXIT_OK = 0
@@ -38,13 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"server.listen": args.listen, "server.workers": args.workers, "redis.url": args.redis}
     try:
         cfg = config.load(args.config, overrides=overrides)
+        privileges.resolve(cfg.server.user, cfg.server.group)  # -t reports an unknown user too
     except ConfigError as exc:
         print(f"meteorit: config error: {exc.key}: {exc.reason}", file=sys.stderr)
         return EXIT_CONFIG
     if args.test:
         print(f"meteorit: config {args.config or '(defaults)'} is valid (version {cfg.version})")
         return EXIT_OK
-    log.setup(cfg.log.level, cfg.log.format)
+    try:
+        log.setup(cfg.log.level, cfg.log.format, cfg.log.file)
+    except OSError as exc:
+        print(f"meteorit: cannot open log.file {cfg.log.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
     from .master import Master  # imported late: `-t` needs none of the runtime
     return Master(cfg).run()
 

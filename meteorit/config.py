@@ -142,6 +142,24 @@ def module_list(value: Any) -> list[str]:
     return list(value)
 
 
+def sink_url(value: Any) -> str:
+    """A meteorit-consumer sink: sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-."""
+    from .sinks import parse_sink_url  # the sinks own their URL grammar
+    parse_sink_url(non_empty_str(value))
+    return value
+
+
+def sql_table(value: Any) -> str:
+    from .sinks import check_table
+    return check_table(non_empty_str(value))
+
+
+def consumer_name(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 64 or any(c.isspace() for c in value):
+        raise ValueError(f"must be a string of at most 64 characters without spaces, got {value!r}")
+    return value
+
+
 def one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -179,6 +197,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Python modules each worker imports after boot, e.g. to add alert handlers with ipc.receive."),
     Setting("server", "graceful_timeout", 30.0, positive_seconds,
             "QUIT: how long workers may take to finish in-flight requests and flush."),
+    Setting("server", "user", "", str_value, "When started as root: run the workers and the embedded Redis "
+            "as this user (the master binds first, then they drop root); empty: no change.", reload=RESTART),
+    Setting("server", "group", "", str_value, "Their group, with server.user; empty: the user's own group.",
+            reload=RESTART),
+    Setting("server", "pid_file", "", str_value,
+            "Write the master's pid to this file, removed at exit; empty: no pid file.", reload=RESTART),
     Setting("redis", "url", EMBEDDED, redis_url,
             "\"embedded\" (a private redis-server the master supervises) or a redis:// / unix:// URL.",
             "METEORIT_REDIS_URL"),
@@ -187,10 +211,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", "batch_max_events", 10000, positive_int, "Most events in one group-commit RPUSH."),
     Setting("redis", "batch_max_bytes", "4MiB", size, "Most bytes in one group-commit RPUSH."),
     Setting("redis", "max_pending_bytes", "64MiB", size,
-            "Most bytes of events a worker holds waiting for Redis; past it, 503."),
+            "Most bytes of events a worker holds waiting for Redis; past it, new events go to the spool."),
+    Setting("redis", "max_queue_length", 0, non_negative_int,
+            "Above this many events in the queue (a stopped consumer), 503 until it drains; checked on "
+            "each RPUSH reply and once a second, not per request. 0: no limit."),
     Setting("redis", "data_dir", "var/redis", non_empty_str,
             "Embedded Redis only: its data (AOF), socket and log; relative to the working directory.", reload=RESTART),
     Setting("redis", "server_binary", "redis-server", non_empty_str, "Embedded Redis only: the binary to run.", reload=RESTART),
+    Setting("spool", "dir", "var/spool", non_empty_str,
+            "Where each worker keeps its spool file for events Redis cannot take; relative to the "
+            "working directory; one directory per meteorit instance.", reload=RESTART),
+    Setting("spool", "fsync", "batch", one_of("always", "batch", "never"),
+            "When a spooled request is answered: \"always\": after an fsync of its own record; \"batch\": "
+            "after an fsync shared by the requests written together; \"never\": once written (no fsync)."),
+    Setting("spool", "max_bytes", "256MiB", size,
+            "Largest spool file of one worker; past it, with Redis unavailable, 503 with Retry-After."),
+    Setting("spool", "redis_deadline", 2.0, positive_seconds,
+            "An RPUSH not acknowledged within this goes to the spool (and so does everything until "
+            "Redis answers); the late RPUSH may land too: duplicates, never losses."),
     Setting("auth", "keys", [], api_keys, "Accepted API keys; an empty list turns auth off (logged loudly).", reload=HOT),
     Setting("limits", "max_body", "1MiB", size, "Largest request body; past it, 413.", reload=HOT),
     Setting("limits", "max_event_size", "64KiB", size,
@@ -218,6 +256,30 @@ SETTINGS: tuple[Setting, ...] = (
             "service's own user and root only.", reload=RESTART),
     Setting("log", "level", "info", one_of("debug", "info", "warning", "error"), "Log level.", reload=HOT),
     Setting("log", "format", "json", one_of("json", "text"), "\"json\": one object per line; \"text\" for humans.", reload=RESTART),
+    Setting("log", "file", "", str_value,
+            "Append logs to this file (USR1 reopens it, for logrotate); empty: stderr (journald).", reload=RESTART),
+    # [consumer]: read by meteorit-consumer at its start; the master and workers ignore them
+    Setting("consumer", "sink", "sqlite:///var/meteorit.db", sink_url,
+            "Where meteorit-consumer stores events: \"sqlite:///PATH\" (relative; sqlite:////abs for an "
+            "absolute path; ?timeout=S to wait for a lock), \"postgresql://...\", \"ndjson:PATH\", \"ndjson:-\".",
+            reload=HOT),
+    Setting("consumer", "table", "events", sql_table, "The table the consumer creates and fills.", reload=HOT),
+    Setting("consumer", "batch", 10000, positive_int,
+            "Most records the consumer takes from the queue in one atomic pop (and stores in one transaction).",
+            reload=HOT),
+    Setting("consumer", "concurrency", 4, positive_int,
+            "Batches a consumer holds at once (popped, decoding or being stored); the PostgreSQL sink "
+            "commits this many in parallel, SQLite and NDJSON one at a time.", reload=HOT),
+    Setting("consumer", "lease", 30.0, positive_seconds,
+            "A consumer that stops renewing its lease for this long is gone: another consumer puts its "
+            "in-flight batches back at the head of the queue.", reload=HOT),
+    Setting("consumer", "dead_letter", "meteorit:dead", non_empty_str,
+            "Redis list of the records the consumer cannot store, each with the reason.", reload=HOT),
+    Setting("consumer", "name", "", consumer_name,
+            "Names the consumer in its Redis keys and logs (plus pid and a random tag); empty: the host name.",
+            reload=HOT),
+    Setting("consumer", "stats_interval", 10.0, positive_seconds,
+            "Seconds between the consumer's progress lines in the log (off a terminal).", reload=HOT),
 )
 
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
@@ -326,7 +388,9 @@ class ReloadPlan:
 
     @property
     def mode(self) -> str:
-        return "none" if not self.changed else REPLACE if self.replace else HOT
+        if not self.changed:
+            return "none"
+        return REPLACE if self.replace else HOT if self.hot else "scale"
 
 
 def reload_plan(old: Config, new: Config) -> ReloadPlan:

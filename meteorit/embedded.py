@@ -23,7 +23,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import privileges
 from .errors import EmbeddedRedisError
+from .privileges import Identity
 
 log = logging.getLogger("meteorit.embedded")
 
@@ -45,9 +47,10 @@ pidfile {dir}/redis.pid
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: str, binary: str = "redis-server") -> None:
+    def __init__(self, data_dir: str, binary: str = "redis-server", owner: Identity | None = None) -> None:
         self.dir = os.path.abspath(data_dir)
         self.binary = binary
+        self.owner = owner  # server.user: redis-server runs as it, and owns the data directory
         self.socket_path = os.path.join(self.dir, "redis.sock")
         self.pid: int | None = None
         self._lock_fd: int | None = None
@@ -68,7 +71,8 @@ class EmbeddedRedis:
         conf = os.path.join(self.dir, "redis.conf")
         with open(conf, "w") as f:
             f.write(CONF.format(socket=self.socket_path, dir=self.dir))
-        self.pid = os.posix_spawn(binary, [binary, conf], dict(os.environ), setsid=True)
+        privileges.give(self.owner, self.dir, recursive=True)
+        self.pid = privileges.spawn([binary, conf], dict(os.environ), self.owner)
         deadline = time.monotonic() + START_TIMEOUT
         while not self._answers():
             if self._loading():

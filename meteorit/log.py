@@ -1,8 +1,10 @@
 """Structured logging: one JSON object per line on stderr (or `text` for humans).
 
-Owns: the root logger's handler and format, and the process's role in every line
-(`master`, `worker` with its slot). Never logs API keys or event bodies: callers pass
-counts and reasons, not payloads.
+Owns: the root logger's handler and format, the log file when `log.file` is set (opened
+in append mode by every process, so lines of many processes never mix; `reopen` after
+USR1 follows a logrotate rename), and the process's role in every line (`master`,
+`worker` with its slot). Never logs API keys or event bodies: callers pass counts and
+reasons, not payloads.
 """
 
 from __future__ import annotations
@@ -55,11 +57,51 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Appends to `path`; `reopen` opens the path afresh (after logrotate renamed the file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> Any:
+        # line-buffered: a line leaves in one write() in O_APPEND mode, whole, whoever else writes
+        return open(self.path, "a", buffering=1, encoding="utf-8")
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+    def reopen(self) -> None:
+        old = self.setStream(self._open())  # the open raises OSError before anything changes
+        if old is not None:
+            old.close()
+
+
+def setup(level: str = "info", fmt: str = "json", file: str = "") -> None:
+    """Log to stderr, or to `file` when given (OSError if it cannot be opened)."""
+    handler: logging.Handler = ReopenableFileHandler(file) if file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def reopen() -> str | None:
+    """USR1: reopen the log file; returns its path (None when logging to stderr)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            try:
+                handler.reopen()
+            except OSError as exc:
+                logging.getLogger("meteorit.log").error("cannot reopen %s, logging on to the old file: %s",
+                                                        handler.path, exc.strerror)
+            return handler.path
+    return None

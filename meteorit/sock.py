@@ -56,6 +56,8 @@ def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if isinstance(name, str):
         return f"unix:{name}"
+    if isinstance(name, bytes):  # an abstract unix socket, as systemd may pass one
+        return "unix:@" + name.lstrip(b"\0").decode(errors="replace")
     host, port = name[:2]
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 

@@ -23,7 +23,7 @@ import msgpack
 import orjson
 import uvloop
 
-from . import ipc, metrics
+from . import ipc, metrics, privileges
 from . import log as logsetup
 from .app import EventsApp
 from .config import Config
@@ -32,6 +32,7 @@ from .http import HttpProtocol, ServerState
 from .ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
+from .spool import Spool
 from .writer import RedisWriter
 
 log = logging.getLogger("meteorit.worker")
@@ -101,16 +102,22 @@ class Worker:
         app = self.app
         return {"events_accepted": app.events_accepted,
                 "requests": {str(k): v for k, v in sorted(app.statuses.items())},
-                "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors}
+                "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
+                "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed}
 
     def _boot(self) -> None:
         self._reset_inherited_state()
+        # before anything that serves a request: a root master's workers become server.user
+        privileges.drop(privileges.resolve(self.config.server.user, self.config.server.group))
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         cfg = self.config
+        spool = Spool(cfg.spool.dir, cfg.spool.fsync, cfg.spool.max_bytes)
+        spool.open()  # after the privilege drop: the file belongs to the worker's user
         self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
                                   cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
-                                  cfg.redis.max_pending_bytes)
+                                  cfg.redis.max_pending_bytes, spool, cfg.spool.redis_deadline,
+                                  cfg.redis.max_queue_length)
         self.app = EventsApp(cfg, self.writer, self._collect_stats)
         self.state = state = ServerState(self.app, cfg.limits)
         for sock in self.sockets:
@@ -133,6 +140,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
         loop.add_signal_handler(signal.SIGTERM, self.handle_term)
         loop.add_signal_handler(signal.SIGINT, self.handle_term)
+        loop.add_signal_handler(signal.SIGUSR1, logsetup.reopen)  # the master reopened the file first
         if self.stop_requested:  # came between the last check and the loop's handlers
             self.handle_quit()
         loop.call_later(TICK, self._tick)
@@ -171,14 +179,15 @@ class Worker:
             self.loop.create_task(self._graceful_stop())
 
     def handle_term(self) -> None:
-        """Fast stop: close everything now; requests not yet answered get no 202."""
-        assert self.loop is not None and self.state is not None
+        """Fast stop: close everything now; requests not yet answered get no 202. Events
+        still in memory go to the spool before the loop stops, never dropped."""
+        assert self.loop is not None and self.state is not None and self.writer is not None
         self.stopping = True
         log.info("fast stop")
         self._stop_accepting()
         for conn in list(self.state.connections):
             conn.transport.abort()
-        self.loop.stop()
+        self.loop.create_task(self.writer.spool_and_stop(self.loop.stop))
 
     async def _graceful_stop(self) -> None:
         assert self.loop is not None and self.state is not None and self.writer is not None
@@ -274,6 +283,8 @@ class Worker:
         assert self.loop is not None and self.state is not None
         Clock.tick()
         self.state.check_timeouts()
+        assert self.writer is not None
+        self.writer.check_spools()  # replay our spool and orphans while Redis can take them
         if os.getppid() != self.master_pid and not self.stopping:
             log.error("master %d is gone; stopping", self.master_pid)
             self.handle_quit()

@@ -1,10 +1,13 @@
-"""The Redis writer of a worker: group commit of events into the queue list.
+"""The Redis writer of a worker: group commit of events into the queue list, and the
+spool for when Redis cannot take them.
 
-Owns: the worker's only Redis connection. Requests hand it their records with a
-callback; while one RPUSH is in flight the next requests wait, and the next RPUSH
-carries all of them (bounded by `batch_max_events` and `batch_max_bytes`, and always
-whole requests, so a request is in Redis whole or not at all). Each callback runs only
-after Redis acknowledged the RPUSH that carried its records.
+Owns: the worker's only Redis connection, and the decision where a request's events go:
+Redis, or the worker's spool (meteorit/spool.py), and the replay of spools into Redis.
+Requests hand it their records with a callback; while one RPUSH is in flight the next
+requests wait, and the next RPUSH carries all of them (bounded by `batch_max_events` and
+`batch_max_bytes`, and always whole requests, so a request is in Redis whole or not at
+all). Each callback runs `done(None, spooled)` only after Redis acknowledged the RPUSH
+that carried its records (spooled False) or the spool wrote them (spooled True).
 
 Must not touch: HTTP or event validation. Nothing else in a worker talks to Redis.
 
@@ -14,9 +17,20 @@ on batches of 100 events. A broken connection is retried once (a Redis restart b
 two writes); if Redis had applied the first try, the retry queues the same records again,
 with the same ids, which the consumer's dedupe by id absorbs (at-least-once).
 
-States: `ready` is False from a transport error until a background PING succeeds; in
-between, `submit` refuses at once (the app answers 503) instead of stacking requests
-behind connect timeouts. Bytes waiting are capped by `max_pending_bytes`.
+States:
+- `ready` is False from a transport error until a background probe succeeds;
+- `slow` is True from the moment an RPUSH is past `deadline` until Redis answers it. The
+  RPUSH is not cancelled (Redis may still apply it: at-least-once), but its requests, and
+  every request meanwhile, go to the spool and are answered from there;
+- `queue_full` is True while the queue holds more than `max_queue_length` events, as the
+  RPUSH replies (the new length, for free) and a once-a-second LLEN tell: then 503, so a
+  stopped consumer cannot make Redis run out of memory.
+Without a spool (unit tests), an unreachable Redis or `max_pending_bytes` waiting is a 503.
+
+Replay: on the worker's tick, while Redis can take events, our own spool and then any
+orphan (the spool of a process that is gone, found by its lock) are pushed in order in
+chunks; the spool's cursor moves after each acknowledged chunk, then the file is cut back
+(ours) or removed (an orphan).
 """
 
 from __future__ import annotations
@@ -35,29 +49,52 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import WriterUnavailable
 from .metrics import BATCH_BUCKETS, Histogram
+from .spool import Spool, SpoolFile
 
 log = logging.getLogger("meteorit.writer")
 
-PROBE_INTERVAL = 0.5  # seconds between PINGs while Redis is unreachable
-PING = hiredis.pack_command((b"PING",))
-HEARTBEAT = 1.0  # an idle connection is PINGed this often, so /readyz notices a dead Redis
+PROBE_INTERVAL = 0.5  # seconds between probes while Redis is unreachable
+HEARTBEAT = 1.0  # an idle connection sends LLEN this often: /readyz notices a dead Redis, the queue length stays known
+SPOOL_FLUSH_GRACE = 5.0  # seconds a stopping writer waits for the spool's last writes
+TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
-Done = Callable[[Exception | None], None]
+Done = Callable[[Exception | None, bool], None]  # (error, spooled)
+Request = tuple[list[bytes], int, Done]  # records, bytes, callback
+
+
+class _Batch:
+    """The requests of one group-commit RPUSH; `handed_over` once the spool answers them."""
+
+    __slots__ = ("requests", "values", "size", "handed_over")
+
+    def __init__(self, requests: list[Request], values: list[bytes], size: int) -> None:
+        self.requests = requests
+        self.values = values
+        self.size = size
+        self.handed_over = False
 
 
 class RedisWriter:
     def __init__(self, url: str, queue: str, timeout: float, batch_max_events: int,
-                 batch_max_bytes: int, max_pending_bytes: int) -> None:
+                 batch_max_bytes: int, max_pending_bytes: int, spool: Spool | None = None,
+                 deadline: float = 2.0, max_queue_length: int = 0) -> None:
         self.pool = ConnectionPool.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.conn = self.pool.make_connection()
         self.queue = queue.encode()
         self.batch_max_events = batch_max_events
         self.batch_max_bytes = batch_max_bytes
         self.max_pending_bytes = max_pending_bytes
-        self.waiting: deque[tuple[list[bytes], int, Done]] = deque()
+        self.spool = spool
+        self.deadline = deadline
+        self.max_queue_length = max_queue_length
+        self.waiting: deque[Request] = deque()
+        self.current: _Batch | None = None  # the batch whose RPUSH is in flight
         self.pending_bytes = 0
         self.flushing = False
+        self.replaying = False
         self.ready = True
+        self.slow = False
+        self.queue_full = False
         self.closed = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -68,82 +105,192 @@ class RedisWriter:
         self.writes = 0
         self.write_errors = 0
         self.events_written = 0
+        self.events_replayed = 0
         self.batch_sizes = Histogram(BATCH_BUCKETS)  # events per acknowledged RPUSH, for /metrics
 
     async def start(self) -> None:
         """Check Redis once; an unreachable Redis is not fatal, the probe keeps trying."""
         try:
-            await self._command(PING)
-        except (RedisError, OSError) as exc:
+            await self._check_queue()
+        except TRANSPORT_ERRORS as exc:
             self._went_down(exc)
         self._spawn(self._heartbeat())
+        self.check_spools()  # what a predecessor left behind goes first
+
+    # --- taking requests
 
     def submit(self, records: list[bytes], size: int, done: Done) -> None:
-        """Queue one request's records; `done(None)` once Redis has them, `done(error)` if not."""
+        """Queue one request's records for Redis, or hand them to the spool when Redis
+        cannot take them now; raises WriterUnavailable when neither can (503)."""
         if self.closed:
             raise WriterUnavailable("shutting down")
-        if not self.ready:
-            raise WriterUnavailable("queue unavailable: redis unreachable")
-        if self.pending_bytes + size > self.max_pending_bytes:
+        if self.queue_full:
+            raise WriterUnavailable("queue unavailable: over redis.max_queue_length, the consumer is behind")
+        if self.ready and not self.slow and self.pending_bytes + size <= self.max_pending_bytes:
+            self.waiting.append((records, size, done))
+            self.pending_bytes += size
+            if not self.flushing:
+                self.flushing = True
+                self.idle.clear()
+                self._spawn(self._flush_loop())
+            return
+        if self.spool is None:
+            if not self.ready:
+                raise WriterUnavailable("queue unavailable: redis unreachable")
             raise WriterUnavailable("queue unavailable: too many events waiting for redis")
-        self.waiting.append((records, size, done))
-        self.pending_bytes += size
-        if not self.flushing:
-            self.flushing = True
-            self.idle.clear()
-            self._spawn(self._flush_loop())
+        self.spool.submit(records, _answer_from_spool(done))
+
+    @property
+    def events_spooled(self) -> int:
+        return self.spool.events_spooled if self.spool is not None else 0
+
+    @property
+    def refusal(self) -> str | None:
+        """Why a request would get 503 now (for /readyz), or None while events are taken."""
+        if self.closed:
+            return "shutting down"
+        if self.queue_full:
+            return "queue over redis.max_queue_length"
+        if self.ready and not self.slow:
+            return None
+        if self.spool is None:
+            return "redis unreachable"
+        return None if self.spool.accepting else "redis unavailable and the spool cannot take events"
+
+    def spool_in_memory(self) -> int:
+        """Hand every request still held in memory (the RPUSH in flight included) to the
+        spool, which answers them; returns the number of events handed over."""
+        if self.spool is None:
+            return 0
+        requests: list[Request] = []
+        batch = self.current
+        if batch is not None and not batch.handed_over:
+            batch.handed_over = True
+            requests.extend(batch.requests)
+        while self.waiting:
+            request = self.waiting.popleft()
+            self.pending_bytes -= request[1]
+            requests.append(request)
+        for records, _, done in requests:
+            self._to_spool(records, done)
+        return sum(len(records) for records, _, _ in requests)
+
+    def _to_spool(self, records: list[bytes], done: Done) -> None:
+        assert self.spool is not None
+        try:
+            self.spool.submit(records, _answer_from_spool(done))
+        except WriterUnavailable as exc:
+            _answer(done, exc, False)
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new events, wait until everything submitted is written; True if it was."""
+        """Refuse new events and wait until everything submitted is written; at the
+        deadline what is still in memory goes to the spool. True if nothing was left out."""
         self.closed = True
         try:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
-            log.error("redis writer: %d events not written at the drain deadline",
-                      sum(len(r) for r, _, _ in self.waiting))
-            return False
+            if self.spool is None:
+                log.error("redis writer: %d events not written at the drain deadline",
+                          sum(len(r) for r, _, _ in self.waiting))
+                return False
+            log.warning("redis writer: %d events spooled at the drain deadline", self.spool_in_memory())
+        if self.spool is not None:
+            return await self.spool.flushed(SPOOL_FLUSH_GRACE)
         return True
 
+    async def spool_and_stop(self, stop: Callable[[], None]) -> None:
+        """Fast stop: refuse new events, hand what memory holds to the spool, wait for the
+        spool to write it (briefly), then `stop()`."""
+        self.closed = True
+        try:
+            if self.spool is not None:
+                count = self.spool_in_memory()
+                if count:
+                    log.info("redis writer: %d events spooled at a fast stop", count)
+                await self.spool.flushed(SPOOL_FLUSH_GRACE)
+        finally:
+            stop()
+
     async def close(self) -> None:
+        self.closed = True
         for task in list(self._tasks):
             task.cancel()
         await self.conn.disconnect()
         await self.pool.disconnect()
+        if self.spool is not None:
+            await self.spool.close()
 
-    def _take_batch(self) -> tuple[list[bytes], list[Done], int]:
+    # --- group commit
+
+    def _take_batch(self) -> _Batch:
         waiting = self.waiting
-        values, callbacks = [], []
+        requests: list[Request] = []
+        values: list[bytes] = []
         size = 0
         while waiting:
             records, nbytes, done = waiting[0]
             if values and (len(values) + len(records) > self.batch_max_events
                            or size + nbytes > self.batch_max_bytes):
                 break
-            waiting.popleft()
+            requests.append(waiting.popleft())
             values.extend(records)
-            callbacks.append(done)
             size += nbytes
-        return values, callbacks, size
+        return _Batch(requests, values, size)
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self.waiting:
-                values, callbacks, size = self._take_batch()
-                error = await self._write(values) if self.ready else WriterUnavailable("redis unreachable")
-                self.pending_bytes -= size
-                for done in callbacks:
-                    try:
-                        done(error)
-                    except Exception:  # one failing callback must not strand the rest of the batch
-                        log.exception("answering a request of the batch failed")
+                batch = self.current = self._take_batch()
+                if self.ready and not self.slow:
+                    timer = loop.call_later(self.deadline, self._past_deadline) if self.spool else None
+                    error = await self._write(batch.values)
+                    if timer is not None:
+                        timer.cancel()
+                else:
+                    error = WriterUnavailable("redis unreachable")
+                self.current = None
+                self.pending_bytes -= batch.size
+                if batch.handed_over:  # the spool answered them: this was the slow RPUSH
+                    self._slow_write_done(error)
+                elif error is not None and self.spool is not None:
+                    for records, _, done in batch.requests:
+                        self._to_spool(records, done)
+                else:
+                    for _, _, done in batch.requests:
+                        _answer(done, error, False)
         finally:
+            self.current = None
             self.flushing = False
             self.idle.set()
 
+    def _past_deadline(self) -> None:
+        """The RPUSH in flight is older than `deadline`: answer its requests and the ones
+        behind it from the spool, and spool everything until Redis answers."""
+        if not self.slow:
+            self.slow = True
+            log.warning("redis slower than %.1fs: spooling until it answers", self.deadline)
+        self.spool_in_memory()
+
+    def _slow_write_done(self, error: Exception | None) -> None:
+        if self.slow:
+            self.slow = False
+            if error is None:
+                log.info("redis answers again; replaying the spool")
+                self.check_spools()
+
     async def _write(self, values: list[bytes]) -> Exception | None:
+        error = await self._push(values)
+        if error is None:
+            self.writes += 1
+            self.events_written += len(values)
+            self.batch_sizes.observe(len(values))
+        return error
+
+    async def _push(self, values: list[bytes]) -> Exception | None:
         try:
-            await self._command(pack_rpush(self.queue, values))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            length = await self._command(pack_rpush(self.queue, values))
+        except TRANSPORT_ERRORS as exc:
             self.write_errors += 1
             self._went_down(exc)
             return exc
@@ -151,10 +298,23 @@ class RedisWriter:
             self.write_errors += 1
             log.error("redis refused a write of %d events: %s", len(values), exc)
             return exc
-        self.writes += 1
-        self.events_written += len(values)
-        self.batch_sizes.observe(len(values))
+        self._saw_queue_length(length)
         return None
+
+    def _saw_queue_length(self, length: object) -> None:
+        if not self.max_queue_length or not isinstance(length, int):
+            return
+        full = length > self.max_queue_length
+        if full != self.queue_full:
+            self.queue_full = full
+            if full:
+                log.warning("queue holds %d events, over redis.max_queue_length (%d): answering 503 "
+                            "until it drains", length, self.max_queue_length)
+            else:
+                log.info("queue down to %d events: taking events again", length)
+                self.check_spools()
+
+    # --- the connection
 
     async def _command(self, packed: bytes) -> object:
         """One packed command and its reply; one retry when the connection broke.
@@ -178,36 +338,109 @@ class RedisWriter:
                 raise
         raise AssertionError("unreachable")
 
+    async def _check_queue(self) -> None:
+        """LLEN of the queue: proves Redis answers and keeps the queue length known. A
+        command error (the key holds another type) is left for the writes to report."""
+        try:
+            length = await self._command(hiredis.pack_command((b"LLEN", self.queue)))
+        except TRANSPORT_ERRORS:
+            raise
+        except RedisError:
+            return
+        self._saw_queue_length(length)
+
     async def _heartbeat(self) -> None:
         while not self.closed:
             await asyncio.sleep(HEARTBEAT)
             if self.ready and not self.flushing and time.monotonic() - self._last_ok >= HEARTBEAT:
                 try:
-                    await self._command(PING)
-                except (RedisError, OSError) as exc:
+                    await self._check_queue()
+                except TRANSPORT_ERRORS as exc:
                     self._went_down(exc)
 
     def _went_down(self, exc: BaseException) -> None:
         if self.ready:
             self.ready = False
-            log.warning("redis unreachable, answering 503 until it is back: %s", exc)
+            log.warning("redis unreachable, %s until it is back: %s",
+                        "spooling" if self.spool is not None else "answering 503", exc)
             self._spawn(self._probe())
 
     async def _probe(self) -> None:
-        while not self.ready:
+        while not self.ready and not self.closed:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                await self._command(PING)
-            except (RedisError, OSError):
+                await self._check_queue()
+            except TRANSPORT_ERRORS:
                 continue
             self.ready = True
             log.info("redis reachable again")
+            self.check_spools()
+
+    # --- replay
+
+    def check_spools(self) -> None:
+        """Start replaying our spool, then orphans, if Redis can take events (the
+        worker's tick calls this once a second, and so does Redis coming back)."""
+        if self.spool is None or self.replaying or not self._can_replay():
+            return
+        self.replaying = True
+        self._spawn(self._replay())
+
+    def _can_replay(self) -> bool:
+        return self.ready and not self.slow and not self.queue_full and not self.closed
+
+    async def _replay(self) -> None:
+        spool = self.spool
+        assert spool is not None and spool.file is not None
+        try:
+            if spool.file.backlog > 0 and not await self._replay_file(spool.file):
+                return
+            while self._can_replay():
+                orphan = await spool.adopt_orphan()
+                if orphan is None:
+                    return
+                if orphan.backlog > 0:
+                    log.info("replaying the spool of a process that is gone",
+                             extra={"spool": orphan.name, "bytes": orphan.backlog})
+                if await self._replay_file(orphan):
+                    await spool.remove(orphan)
+                else:
+                    await spool.release(orphan)  # kept for a later try, by us or another worker
+                    return
+        except OSError as exc:
+            log.error("spool replay failed: %s", exc)
+        finally:
+            self.replaying = False
+
+    async def _replay_file(self, spool_file: SpoolFile) -> bool:
+        """Push `spool_file` into Redis from its cursor, chunk by chunk; True once it is all in."""
+        assert self.spool is not None
+        while self._can_replay():
+            chunk = await self.spool.read(spool_file, self.batch_max_events, self.batch_max_bytes)
+            if chunk.records:
+                if await self._push(chunk.records) is not None:
+                    return False
+                self.events_replayed += len(chunk.records)
+            elif chunk.end == spool_file.cursor:
+                return True
+            await self.spool.advance(spool_file, chunk.end)
+        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+
+def _answer_from_spool(done: Done) -> Callable[[Exception | None], None]:
+    return lambda error: _answer(done, error, error is None)
+
+
+def _answer(done: Done, error: Exception | None, spooled: bool) -> None:
+    try:
+        done(error, spooled)
+    except Exception:  # one failing callback must not strand the rest of the batch
+        log.exception("answering a request failed")
 
 
 def pack_rpush(queue: bytes, values: list[bytes]) -> bytes:

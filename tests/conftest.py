@@ -173,6 +173,17 @@ class Meteorit:
                                        {"Content-Type": content_type, **(headers or {})})
         return status, json.loads(data) if data else None
 
+    def ctl(self, *args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """meteoritctl -c <this config> ARGS, run where the master runs (relative paths agree)."""
+        return subprocess.run([sys.executable, "-m", "meteorit.ctl", "-c", str(self.config), *args],
+                              input=None if input is None else input.decode(), capture_output=True,
+                              text=True, cwd=self.config.parent, env=self.env, timeout=timeout)
+
+    def ctl_json(self, *args: str) -> dict[str, Any]:
+        done = self.ctl("--json", *args)
+        assert done.stdout, done.stderr
+        return json.loads(done.stdout)
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

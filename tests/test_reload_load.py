@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -21,6 +22,13 @@ pytestmark = pytest.mark.slow
 
 CLOSED_UNANSWERED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                      ConnectionRefusedError)
+
+
+def migrate_requests_enabled() -> bool:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 class Load:
@@ -109,7 +117,11 @@ def test_reloads_and_scaling_under_load_lose_nothing(meteorit_factory: Callable[
     assert final["master"]["reloads"] == 10 and final["master"]["worker_restarts"] == 0
 
     assert load.failed == []
-    assert load.resent[True] == 0  # no connection lost in the accept queue of a retired worker
+    # A replaced worker hands its sockets to its successor, so no connection waiting in an
+    # accept queue is lost; a scale-down closes a socket, whose queue the kernel moves to the
+    # other workers only with net.ipv4.tcp_migrate_req=1 (.ci/run sets it, as a host should).
+    if migrate_requests_enabled():
+        assert load.resent[True] == 0
     ids = Counter(json.loads(r)["id"] for r in redis.lrange("meteorit:events", 0, -1))
     assert set(ids) == load.acked
     assert [i for i, n in ids.items() if n > 1] == []

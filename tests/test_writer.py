@@ -1,15 +1,19 @@
-"""The Redis writer against a real redis-server: group commit, bounds, Redis going away."""
+"""The Redis writer against a real redis-server: group commit, bounds, Redis going away,\nand with a spool: Redis down, past the deadline, the queue length cap, drain, orphans."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import redis as redislib
 
-from conftest import RedisServer, free_port
+from conftest import RedisServer, free_port, wait_until
 from meteorit.errors import WriterUnavailable
+from meteorit.spool import Spool, SpoolFile, encode_frame
 from meteorit.writer import RedisWriter
 
 QUEUE = "test:queue"
@@ -28,7 +32,7 @@ def submit_requests(writer: RedisWriter, count: int, per_request: int) -> list[a
     for r in range(count):
         fut: asyncio.Future[Any] = loop.create_future()
         records = [b"r%d-e%d" % (r, e) for e in range(per_request)]
-        writer.submit(records, sum(map(len, records)), lambda err, f=fut: f.set_result(err))
+        writer.submit(records, sum(map(len, records)), lambda err, spooled, f=fut: f.set_result(err))
         futures.append(fut)
     return futures
 
@@ -65,9 +69,9 @@ def test_batches_are_bounded_and_keep_requests_whole(redis: redislib.Redis,
 def test_pending_bytes_are_capped() -> None:
     async def scenario() -> None:
         writer = make_writer(f"redis://127.0.0.1:{free_port()}", max_pending_bytes=100)
-        writer.submit([b"x" * 60], 60, lambda err: None)
+        writer.submit([b"x" * 60], 60, lambda err, spooled: None)
         with pytest.raises(WriterUnavailable, match="too many events"):
-            writer.submit([b"y" * 60], 60, lambda err: None)
+            writer.submit([b"y" * 60], 60, lambda err, spooled: None)
         await writer.drain(5)
         await writer.close()
 
@@ -85,7 +89,7 @@ def test_unreachable_redis_fails_requests_then_refuses_until_back(redis_server: 
         assert isinstance(error, redislib.ConnectionError)
         assert not writer.ready
         with pytest.raises(WriterUnavailable, match="unreachable"):
-            writer.submit([b"z"], 1, lambda err: None)
+            writer.submit([b"z"], 1, lambda err, spooled: None)
         redis_server.start()
         for _ in range(100):
             if writer.ready:
@@ -107,8 +111,134 @@ def test_drain_writes_everything_submitted_and_refuses_more(redis: redislib.Redi
         assert await writer.drain(5)
         assert all(f.done() and f.result() is None for f in futures)
         with pytest.raises(WriterUnavailable, match="shutting down"):
-            writer.submit([b"late"], 4, lambda err: None)
+            writer.submit([b"late"], 4, lambda err, spooled: None)
         await writer.close()
 
     asyncio.run(scenario())
     assert redis.llen(QUEUE) == 100
+
+
+# --- with a spool: Redis away, slow or full
+
+
+def make_spooling_writer(url: str, directory: Path, **overrides: Any) -> RedisWriter:
+    spool = Spool(str(directory), "batch", overrides.pop("spool_max_bytes", 1 << 24))
+    spool.open()
+    return make_writer(url, spool=spool, **overrides)
+
+
+def submit_answers(writer: RedisWriter, count: int, per_request: int,
+                   tag: str = "r") -> list[asyncio.Future[Any]]:
+    """Like submit_requests, but each future gets (error, spooled)."""
+    loop = asyncio.get_running_loop()
+    futures = []
+    for r in range(count):
+        fut: asyncio.Future[Any] = loop.create_future()
+        records = [b"%s%d-e%d" % (tag.encode(), r, e) for e in range(per_request)]
+        writer.submit(records, sum(map(len, records)),
+                      lambda err, spooled, f=fut: f.set_result((err, spooled)))
+        futures.append(fut)
+    return futures
+
+
+async def wait_for(check: Callable[[], Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_redis_down_spools_then_replays_in_order(redis_server: RedisServer, redis: redislib.Redis,
+                                                 tmp_path: Path) -> None:
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path)
+        await writer.start()
+        redis_server.stop()
+        # the first request finds the connection broken and goes to the spool after all
+        assert await asyncio.gather(*submit_answers(writer, 1, 2, "a")) == [(None, True)]
+        assert not writer.ready and writer.refusal is None  # the spool takes events
+        assert await asyncio.gather(*submit_answers(writer, 20, 2, "b")) == [(None, True)] * 20
+        assert writer.events_spooled == 42
+        redis_server.start()
+        await wait_for(lambda: writer.events_replayed == 42, 10)
+        assert writer.spool is not None and writer.spool.backlog == 0
+        await writer.close()
+
+    asyncio.run(scenario())
+    expected = [b"a0-e0", b"a0-e1"] + [b"b%d-e%d" % (r, e) for r in range(20) for e in range(2)]
+    assert redis_server.client.lrange(QUEUE, 0, -1) == expected
+    assert list(tmp_path.iterdir()) == []  # an empty spool is removed at close
+
+
+def test_a_write_past_the_deadline_is_answered_from_the_spool(redis_server: RedisServer,
+                                                              redis: redislib.Redis, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path, deadline=0.2)
+        await writer.start()
+        redis.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        started = time.monotonic()
+        answers = await asyncio.gather(*submit_answers(writer, 5, 1))
+        assert answers == [(None, True)] * 5
+        assert time.monotonic() - started < 0.9  # not held until the pause ends
+        assert writer.slow
+        assert await asyncio.gather(*submit_answers(writer, 1, 1, "later")) == [(None, True)]
+        await wait_for(lambda: not writer.slow and writer.events_replayed == 6, 10)
+        await writer.close()
+
+    asyncio.run(scenario())
+    values = redis.lrange(QUEUE, 0, -1)
+    # the late RPUSH landed too: at-least-once, every record at least once
+    assert set(values) == {b"r%d-e0" % r for r in range(5)} | {b"later0-e0"}
+
+
+def test_queue_length_cap_refuses_until_the_queue_drains(redis_server: RedisServer, redis: redislib.Redis,
+                                                         tmp_path: Path) -> None:
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path, max_queue_length=5)
+        await writer.start()
+        assert await asyncio.gather(*submit_answers(writer, 1, 6)) == [(None, False)]
+        assert writer.queue_full and writer.refusal is not None
+        with pytest.raises(WriterUnavailable, match="max_queue_length"):
+            writer.submit([b"x"], 1, lambda err, spooled: None)
+        redis.ltrim(QUEUE, 1, 0)
+        await wait_for(lambda: not writer.queue_full, 5)  # the heartbeat's LLEN
+        assert await asyncio.gather(*submit_answers(writer, 1, 1)) == [(None, False)]
+        await writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_drain_spools_what_is_still_in_memory_at_the_deadline(redis_server: RedisServer,
+                                                              redis: redislib.Redis, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path, deadline=30)
+        await writer.start()
+        redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        futures = submit_answers(writer, 10, 1)
+        assert await writer.drain(0.3)
+        assert [f.result() for f in futures] == [(None, True)] * 10
+        await writer.close()
+
+    asyncio.run(scenario())
+    wait_until(lambda: redis.ping(), 5, "the pause to end")
+    [left] = list(tmp_path.glob("*.spool"))  # kept for a successor (and the late RPUSH landed too)
+    orphan = SpoolFile.adopt(str(left))
+    assert orphan is not None and len(orphan.read(100, 1 << 20).records) == 10
+    orphan.close()
+
+
+def test_orphan_spools_are_replayed_and_removed(redis_server: RedisServer, redis: redislib.Redis,
+                                                tmp_path: Path) -> None:
+    dead = SpoolFile.create(str(tmp_path), durable=False)
+    dead.append([encode_frame([b"orphan-%d" % i for i in range(3)]), encode_frame([b"orphan-3"])], "never")
+    dead.close()  # its process is gone: the lock with it
+
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path)
+        await writer.start()  # looks for what predecessors left
+        await wait_for(lambda: writer.events_replayed == 4 and not writer.replaying, 5)
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert redis.lrange(QUEUE, 0, -1) == [b"orphan-%d" % i for i in range(4)]
+    assert not os.path.exists(dead.path)

@@ -1,0 +1,408 @@
+"""`meteorit-consumer`: drains the Redis queue into a database in atomic batches.
+
+Owns: the command line, the consumer's process (signals, exit codes, progress) and the
+pipeline of asyncio tasks joined by bounded queues, the Python form of goroutines and
+channels:
+
+    fetch:  pop a batch (meteorit.batches) -> decode it (meteorit.rows) -> `fetched` queue
+    store:  `consumer.concurrency` batches in hand at most; the sink's writers commit them
+            (meteorit.sinks) -> ack, with the batch's dead letters
+    lease:  renews this consumer's lease; recovers the batches of consumers that are gone
+    report: a live line on a terminal, counters in the log otherwise
+
+Must not touch: the Redis keys (meteorit.batches) or the databases (meteorit.sinks).
+
+Failures never lose a batch: Redis or the sink being down means a retry with backoff,
+the batch staying in hand (and in its in-flight list). TERM or INT stops fetching, lets
+the batches in hand be committed and acknowledged, unregisters and exits 0; if the sink
+is still down STOP_TIMEOUT later (or at a second signal), the batches left are pushed
+back to the head of the queue and the exit code is 1.
+
+    meteorit-consumer [-c FILE] [--sink URL] [--batch N] [--concurrency N] [--once]
+                      [--redis URL] [--name NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from . import __version__, config
+from . import log as logsetup
+from .batches import Batch, BatchQueue
+from .embedded import EmbeddedRedis
+from .errors import ConfigError
+from .rows import Rows, decode, dead_letter
+from .sinks import Sink, SinkUnavailable, Written, open_sink
+
+log = logging.getLogger("meteorit.consumer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # config error, or batches left unstored at exit; argparse exits 2
+STOP_TIMEOUT = 30.0  # after TERM, how long the batches in hand may wait for the sink
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+IDLE_MIN, IDLE_MAX = 0.01, 0.5  # polling an empty queue, doubling up to the max
+ONCE_IDLE_MAX = 0.1
+LIVE_EVERY = 0.5  # seconds between refreshes of the terminal line
+ERROR_CHARS = 160  # of an error message in the log
+RETRYABLE = (RedisError, OSError, SinkUnavailable)
+
+T = TypeVar("T")
+
+
+class Abandoned(Exception):
+    """Stopping took longer than STOP_TIMEOUT (or a second signal came): give up retrying."""
+
+
+@dataclass
+class Counters:
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0  # rows new in the sink
+    duplicates: int = 0  # rows the sink already had (a redelivered batch)
+    dead: int = 0
+    batches: int = 0
+    newest_received_at: int = 0  # ms, of the newest stored event
+
+    def as_log(self) -> dict[str, Any]:
+        return {"stored": self.stored, "duplicates": self.duplicates, "dead_letters": self.dead,
+                "batches": self.batches}
+
+
+class Consumer:
+    def __init__(self, cfg: config.Config, sink: Sink, consumer_id: str, *, once: bool = False,
+                 live: bool = False) -> None:
+        self.cfg = cfg
+        self.sink = sink
+        self.id = consumer_id
+        self.once = once
+        self.live = live
+        self.batch_size = cfg.consumer.batch
+        self.counters = Counters()
+        url = EmbeddedRedis(cfg.redis.data_dir).url if cfg.embedded_redis else cfg.redis.url
+        self.client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=max(cfg.redis.timeout, 30.0), socket_connect_timeout=cfg.redis.timeout,
+            retry=Retry(NoBackoff(), 0))  # one try: the loops below back off themselves
+        self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
+                                cfg.consumer.lease)
+        # batches in hand: popped, not yet acknowledged
+        self.fetched: asyncio.Queue[tuple[Batch, Rows] | None] = asyncio.Queue(cfg.consumer.concurrency)
+        self.holding: dict[str, Batch] = {}
+        self.nothing_in_hand = asyncio.Event()
+        self.nothing_in_hand.set()
+        self.orphans: list[str] = []  # pops whose reply was lost: maybe moved, surely not ours
+        self.stopping = asyncio.Event()
+        self.abandon = asyncio.Event()
+        self.failures: dict[str, int] = {}
+        self._waiting_for: set[bytes] | None = None  # --once: other consumers' batches
+
+    # --- process
+
+    def handle_stop(self, signame: str) -> None:
+        if self.stopping.is_set():
+            self.abandon.set()
+            return
+        log.info("stopping: finishing the batches in hand", extra={"signal": signame,
+                                                                  "in_hand": len(self.holding)})
+        self.stopping.set()
+        asyncio.get_running_loop().call_later(STOP_TIMEOUT, self.abandon.set)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_stop, sig.name)
+        log.info("consumer starting", extra={
+            "queue": self.cfg.redis.queue, "sink": self.sink.kind, "batch": self.batch_size,
+            "concurrency": self.cfg.consumer.concurrency, "once": self.once})
+        try:
+            await self._retry("reach redis", self.queue.load_scripts)
+            await self._retry("open the sink", self.sink.open)
+            await self._retry("recover batches of consumers that are gone", self.queue.recover)
+        except Abandoned:
+            await self._shutdown()
+            return EXIT_FAILED
+        helpers = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._report())]
+        pipeline = [asyncio.create_task(self._fetch())]
+        pipeline += [asyncio.create_task(self._store()) for _ in range(self.sink.writers)]
+        try:
+            await asyncio.gather(*pipeline)
+        except Abandoned:
+            for task in pipeline:
+                task.cancel()
+            await asyncio.gather(*pipeline, return_exceptions=True)
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        left = await self._shutdown()
+        self._summary()
+        return EXIT_OK if not left else EXIT_FAILED
+
+    async def _shutdown(self) -> int:
+        """Put back what was not stored, unregister, close. Returns the batches left."""
+        left = list(self.holding)
+        try:
+            if self.orphans or left:
+                released = await self.queue.release(self.orphans + left)
+                log.error("left batches unstored; pushed them back to the queue",
+                          extra={"batches": len(left), "records": released})
+            await self.queue.leave()
+        except RETRYABLE as exc:
+            log.error("could not unregister; the lease will expire and another consumer recovers "
+                      "what was in flight", extra={"error": brief(exc)})
+        try:
+            await self.sink.close()
+        except RETRYABLE as exc:
+            log.warning("closing the sink failed", extra={"error": brief(exc)})
+        await self.client.aclose()
+        return len(left)
+
+    # --- pipeline
+
+    async def _fetch(self) -> None:
+        idle = IDLE_MIN
+        while not self.stopping.is_set():
+            batch = await self._pop()
+            if batch is None:
+                if self.once and await self._drained():
+                    break
+                await self._nap(idle)
+                idle = min(idle * 2, ONCE_IDLE_MAX if self.once else IDLE_MAX)
+                continue
+            idle = IDLE_MIN
+            self._waiting_for = None
+            rows = decode(batch.records)
+            self.holding[batch.key] = batch
+            self.nothing_in_hand.clear()
+            await self.fetched.put((batch, rows))
+        for _ in range(self.sink.writers):
+            await self.fetched.put(None)
+
+    async def _pop(self) -> Batch | None:
+        """One pop; transport errors back off here (the loop checks `stopping`)."""
+        key = self.queue.next_key()
+        try:
+            if self.orphans:
+                await self.queue.release(self.orphans)
+                self.orphans.clear()
+            batch = await self.queue.pop(self.batch_size)
+        except RETRYABLE as exc:
+            if key not in self.orphans:
+                self.orphans.append(key)
+            self._failed("pop a batch", exc)
+            await self._nap(self._backoff("pop a batch"))
+            return None
+        self._recovered("pop a batch")
+        return batch
+
+    async def _store(self) -> None:
+        while True:
+            item = await self.fetched.get()
+            if item is None:
+                return
+            batch, rows = item
+            written = Written(0, [])
+            if len(rows):
+                written = await self._retry("store a batch", self.sink.write, rows)
+            dead = [dead_letter(record, reason, self.id) for record, reason in rows.dead + written.rejected]
+            await self._retry("acknowledge a batch", self.queue.ack, batch, dead)
+            del self.holding[batch.key]
+            if not self.holding:
+                self.nothing_in_hand.set()
+            self._count(rows, written, len(dead))
+
+    def _count(self, rows: Rows, written: Written, dead: int) -> None:
+        c = self.counters
+        stored = len(rows) - len(written.rejected)
+        c.stored += written.inserted
+        c.duplicates += stored - written.inserted
+        c.dead += dead
+        c.batches += 1
+        c.newest_received_at = max(c.newest_received_at, rows.newest_received_at)
+        if dead:
+            log.warning("records sent to the dead-letter list", extra={
+                "count": dead, "list": self.cfg.consumer.dead_letter,
+                "reasons": sorted({reason for _, reason in rows.dead + written.rejected})[:5]})
+
+    async def _drained(self) -> bool:
+        """--once: the queue looked empty. Done when nothing is left anywhere: our batches
+        stored, expired leases recovered, and the batches other consumers held at that
+        moment acknowledged by them (or recovered and drained by us)."""
+        await self.nothing_in_hand.wait()
+        _, records = await self._retry("recover batches of consumers that are gone", self.queue.recover)
+        if records or await self._retry("read the queue length", self.queue.depth):
+            return False
+        if self._waiting_for is None:
+            self._waiting_for = await self._retry("list in-flight batches", self.queue.in_flight_elsewhere)
+        self._waiting_for = await self._retry("list in-flight batches", self.queue.exists, self._waiting_for)
+        return not self._waiting_for
+
+    # --- lease and progress
+
+    async def _keep_lease(self) -> None:
+        lease = self.cfg.consumer.lease
+        next_recovery = time.monotonic() + lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.queue.renew_lease()
+                if time.monotonic() >= next_recovery:
+                    next_recovery = time.monotonic() + lease
+                    await self.queue.recover()
+                self._recovered("renew the lease")
+            except RETRYABLE as exc:
+                self._failed("renew the lease", exc)
+
+    async def _report(self) -> None:
+        every = LIVE_EVERY if self.live else self.cfg.consumer.stats_interval
+        last_stored, last_time = 0, time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(every)
+                now = time.monotonic()
+                rate = (self.counters.stored - last_stored) / max(now - last_time, 1e-9)
+                last_stored, last_time = self.counters.stored, now
+                try:
+                    depth: int | None = await self.queue.depth()
+                except RETRYABLE:
+                    depth = None
+                self._progress(rate, depth)
+        finally:
+            if self.live:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+
+    def _lag(self) -> float | None:
+        newest = self.counters.newest_received_at
+        return max(0.0, time.time() - newest / 1000) if newest else None
+
+    def _progress(self, rate: float, depth: int | None) -> None:
+        c = self.counters
+        lag = self._lag()
+        if self.live:
+            line = (f"{rate:>10,.0f} events/s  queue {'?' if depth is None else f'{depth:,}'}  "
+                    f"lag {'-' if lag is None else f'{lag:.1f}s'}  stored {c.stored:,}  "
+                    f"dead {c.dead:,}  in hand {len(self.holding)}")
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        else:
+            log.info("progress", extra={**c.as_log(), "events_per_s": round(rate), "queue_depth": depth,
+                                        "lag_s": None if lag is None else round(lag, 3)})
+
+    def _summary(self) -> None:
+        c = self.counters
+        elapsed = time.monotonic() - c.started
+        log.info("consumer stopped", extra={**c.as_log(), "seconds": round(elapsed, 3)})
+        text = (f"meteorit-consumer: stored {c.stored} events in {c.batches} batches, "
+                f"{c.duplicates} duplicates skipped, {c.dead} dead letters, {elapsed:.2f} s, "
+                f"{c.stored / max(elapsed, 1e-9):,.0f} events/s\n")
+        out = sys.stderr if self.sink.to_stdout else sys.stdout
+        out.write(text)
+        out.flush()
+
+    # --- retries
+
+    async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Call fn until it succeeds; back off on transport and sink errors."""
+        while True:
+            try:
+                result = await fn(*args)
+            except RETRYABLE as exc:
+                self._failed(what, exc)
+                if self.abandon.is_set():
+                    raise Abandoned(what) from exc
+                await self._nap(self._backoff(what), self.abandon)
+                continue
+            self._recovered(what)
+            return result
+
+    def _backoff(self, what: str) -> float:
+        return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(self.failures.get(what, 1) - 1, 10))
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        n = self.failures[what] = self.failures.get(what, 0) + 1
+        if n == 1 or n % 20 == 0:  # an outage is logged when it starts, then now and then
+            log.warning("cannot %s; retrying with backoff", what,
+                        extra={"error": brief(exc), "attempts": n})
+
+    def _recovered(self, what: str) -> None:
+        n = self.failures.pop(what, 0)
+        if n:
+            log.info("can %s again", what, extra={"after_attempts": n})
+
+    async def _nap(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """Sleep, cut short by `wake` (the stop event by default)."""
+        event = self.stopping if wake is None else wake
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+def brief(exc: BaseException) -> str:
+    """An error for the log, cut short: a driver's message may quote the data."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + "..."
+
+
+# --- command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meteorit-consumer",
+                                description="Drain meteorit's Redis queue into SQLite, PostgreSQL or NDJSON.")
+    p.add_argument("-c", "--config", metavar="FILE", default=os.environ.get("METEORIT_CONFIG"),
+                   help="TOML config file (default: $METEORIT_CONFIG, else built-in defaults)")
+    p.add_argument("--sink", metavar="URL", help="sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:- "
+                   "(overrides consumer.sink)")
+    p.add_argument("--batch", type=int, metavar="N", help="records per batch (overrides consumer.batch)")
+    p.add_argument("--concurrency", type=int, metavar="N",
+                   help="batches in hand at once (overrides consumer.concurrency)")
+    p.add_argument("--once", action="store_true", help="drain what is there, print a summary and exit")
+    p.add_argument("--redis", metavar="URL", help="Redis URL or \"embedded\" (overrides redis.url)")
+    p.add_argument("--name", help="consumer name (overrides consumer.name)")
+    p.add_argument("--version", action="version", version=f"meteorit-consumer {__version__}")
+    return p
+
+
+def consumer_id(name: str) -> str:
+    return f"{name or socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {"consumer.sink": args.sink, "consumer.batch": args.batch,
+                 "consumer.concurrency": args.concurrency, "redis.url": args.redis, "consumer.name": args.name}
+    try:
+        cfg = config.load(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"meteorit-consumer: config error: {exc.key}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    ident = consumer_id(cfg.consumer.name)
+    logsetup.setup(cfg.log.level, cfg.log.format)
+    logsetup.set_role("consumer", consumer=ident)
+    sink = open_sink(cfg.consumer.sink, cfg.consumer.table, cfg.consumer.concurrency)
+    # The sink's writer thread runs with the GIL released while SQLite inserts a batch,
+    # then needs it back: a short switch interval keeps it from waiting 5 ms on the
+    # decoding thread each time.
+    sys.setswitchinterval(0.0005)
+    gc.freeze()  # what exists now lives as long as the process: keep it out of collections
+    consumer = Consumer(cfg, sink, ident, once=args.once, live=sys.stderr.isatty())
+    return asyncio.run(consumer.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

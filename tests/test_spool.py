@@ -1,0 +1,289 @@
+"""The spool file: layout, torn and corrupt records, the replay cursor, locks and
+adoption, group commit, the size cap and a full disk (a real RLIMIT_FSIZE)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meteorit import spool as sp
+from meteorit.errors import WriterUnavailable
+from meteorit.spool import FRAME_SIZE, HEADER_SIZE, Spool, SpoolFile, encode_frame, parse_frames
+
+requests_st = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=5), max_size=12)
+
+
+def flat(requests: list[list[bytes]]) -> list[bytes]:
+    return [record for request in requests for record in request]
+
+
+def sample_requests(n: int = 5) -> list[list[bytes]]:
+    return [[b'{"type":"t","n":%d,"i":%d}' % (r, i) for i in range(3)] for r in range(n)]
+
+
+# --- the layout, as bytes
+
+
+@given(requests_st)
+def test_records_come_back_in_order(requests: list[list[bytes]]) -> None:
+    buf = b"".join(encode_frame(r) for r in requests)
+    parsed = parse_frames(buf, at_eof=True)
+    assert (parsed.records, parsed.consumed, parsed.problems) == (flat(requests), len(buf), [])
+
+
+@given(requests_st, st.integers(1, 7), st.integers(1, 300))
+def test_chunks_by_events_and_bytes_cover_everything_once(requests: list[list[bytes]], max_events: int,
+                                                          max_bytes: int) -> None:
+    buf = b"".join(encode_frame(r) for r in requests)
+    got: list[bytes] = []
+    pos = 0
+    while pos < len(buf):
+        parsed = parse_frames(buf[pos:], True, max_events, max_bytes)
+        assert parsed.consumed > 0 and parsed.records  # at least one whole record per chunk
+        got.extend(parsed.records)
+        pos += parsed.consumed
+    assert got == flat(requests)
+
+
+def test_a_record_cut_at_any_byte_is_torn_and_the_ones_before_are_kept() -> None:
+    requests = sample_requests(3)
+    whole = b"".join(encode_frame(r) for r in requests[:2])
+    last = encode_frame(requests[2])
+    for cut in range(1, len(last)):
+        parsed = parse_frames(whole + last[:cut], at_eof=True)
+        assert parsed.records == flat(requests[:2])
+        assert [(p.kind, p.offset, p.length) for p in parsed.problems] == [("torn", len(whole), cut)]
+        assert parsed.consumed == len(whole) + cut
+
+
+def test_an_incomplete_record_before_the_end_of_the_file_is_waited_for() -> None:
+    frame = encode_frame([b"a" * 100])
+    parsed = parse_frames(frame[:50], at_eof=False)
+    assert (parsed.records, parsed.consumed, parsed.problems, parsed.need) == ([], 0, [], len(frame))
+
+
+@pytest.mark.parametrize("where", ["magic", "length", "crc", "payload"])
+def test_a_damaged_record_in_the_middle_is_skipped_and_the_rest_kept(where: str) -> None:
+    requests = sample_requests(3)
+    frames = [encode_frame(r) for r in requests]
+    offset = {"magic": 0, "length": 5, "crc": 9, "payload": FRAME_SIZE + 3}[where]
+    damaged = bytearray(frames[1])
+    damaged[offset] ^= 0xFF
+    parsed = parse_frames(frames[0] + bytes(damaged) + frames[2], at_eof=True)
+    assert parsed.records == requests[0] + requests[2]
+    assert [p.kind for p in parsed.problems] == ["corrupt"]
+    assert parsed.problems[0].offset == len(frames[0])
+
+
+@settings(max_examples=200)
+@given(requests_st, st.data())
+def test_garbage_never_comes_out_as_records(requests: list[list[bytes]], data: st.DataObject) -> None:
+    buf = bytearray(b"".join(encode_frame(r) for r in requests))
+    if buf:
+        for _ in range(data.draw(st.integers(1, 4))):
+            buf[data.draw(st.integers(0, len(buf) - 1))] ^= data.draw(st.integers(1, 255))
+    parsed = parse_frames(bytes(buf), at_eof=True)
+    assert parsed.consumed == len(buf)
+    sent = set(flat(requests))
+    assert all(record in sent for record in parsed.records)
+
+
+# --- one file
+
+
+def make_file(tmp_path: Path, requests: list[list[bytes]], fsync: str = sp.NEVER) -> SpoolFile:
+    f = SpoolFile.create(str(tmp_path), durable=fsync != sp.NEVER)
+    f.append([encode_frame(r) for r in requests], fsync)
+    return f
+
+
+@pytest.mark.parametrize("fsync", sp.FSYNC_MODES)
+def test_append_read_advance_then_cut_back(tmp_path: Path, fsync: str) -> None:
+    requests = sample_requests(10)
+    f = make_file(tmp_path, requests, fsync)
+    assert f.path.endswith(".spool") and not list(tmp_path.glob("*.tmp"))
+    chunk = f.read(max_events=12, max_bytes=1 << 20)
+    assert chunk.records == flat(requests[:4]) and chunk.problems == []
+    f.advance(chunk.end)
+    rest = f.read(max_events=1000, max_bytes=1 << 20)
+    assert rest.records == flat(requests[4:])
+    f.advance(rest.end)
+    assert f.size == f.cursor == HEADER_SIZE == os.path.getsize(f.path)  # cut back once all in Redis
+    f.close()
+
+
+def test_an_adopter_resumes_at_the_cursor(tmp_path: Path) -> None:
+    requests = sample_requests(6)
+    f = make_file(tmp_path, requests)
+    f.advance(f.read(max_events=6, max_bytes=1 << 20).end)
+    f.close()  # the owner is gone (its lock with it)
+    orphan = SpoolFile.adopt(f.path)
+    assert orphan is not None and not orphan.owned
+    assert orphan.read(1000, 1 << 20).records == flat(requests[2:])
+    orphan.remove()
+    assert not os.path.exists(f.path)
+
+
+def test_a_live_owner_keeps_its_file(tmp_path: Path) -> None:
+    f = make_file(tmp_path, sample_requests(1))
+    assert SpoolFile.adopt(f.path) is None  # another open file description: the lock says no
+    assert sp.find_orphan(str(tmp_path), own="") is None
+    f.close()
+    orphan = sp.find_orphan(str(tmp_path), own="")
+    assert orphan is not None and orphan.path == f.path
+    orphan.close()
+
+
+def test_a_file_removed_by_another_adopter_is_left_alone(tmp_path: Path) -> None:
+    f = make_file(tmp_path, sample_requests(1))
+    f.close()
+    first = SpoolFile.adopt(f.path)
+    assert first is not None
+    late_fd = os.open(f.path, os.O_RDWR)  # a second adopter opened it before the removal
+    first.remove()
+    assert os.fstat(late_fd).st_nlink == 0
+    os.close(late_fd)
+    assert SpoolFile.adopt(f.path) is None
+
+
+def test_a_damaged_cursor_replays_everything(tmp_path: Path) -> None:
+    requests = sample_requests(3)
+    f = make_file(tmp_path, requests)
+    f.advance(f.read(3, 1 << 20).end)
+    f.close()
+    with open(f.path, "r+b") as raw:
+        raw.seek(10)
+        raw.write(b"\xff")
+    orphan = SpoolFile.adopt(f.path)
+    assert orphan is not None and orphan.cursor == HEADER_SIZE  # duplicates rather than losses
+    assert orphan.read(1000, 1 << 20).records == flat(requests)
+    orphan.close()
+
+
+def test_a_foreign_file_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "stray.spool").write_bytes(b"not a spool file at all, longer than a header")
+    assert sp.find_orphan(str(tmp_path), own="") is None
+    assert (tmp_path / "stray.spool.bad").exists()
+
+
+def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
+    stale, fresh = tmp_path / "1-aa.tmp", tmp_path / "2-bb.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(sp.encode_header(HEADER_SIZE))
+    old = time.time() - 2 * sp.STALE_TMP_AGE
+    os.utime(stale, (old, old))
+    assert sp.find_orphan(str(tmp_path), own="") is None
+    assert not stale.exists() and fresh.exists()  # a fresh one may be a worker creating its file
+
+
+def test_a_large_record_is_read_whole(tmp_path: Path) -> None:
+    big = [b"x" * (3 * sp.READ_BLOCK)]
+    f = make_file(tmp_path, [[b"small"], big])
+    chunk = f.read(max_events=100, max_bytes=10)
+    assert chunk.records == [b"small"]
+    f.advance(chunk.end)
+    assert f.read(max_events=100, max_bytes=10).records == big
+    f.close()
+
+
+# --- the worker's spool: group commit, the cap, a full disk
+
+
+async def submit_all(spool: Spool, requests: list[list[bytes]]) -> list[Any]:
+    loop = asyncio.get_running_loop()
+    futures = []
+    for records in requests:
+        fut: asyncio.Future[Any] = loop.create_future()
+        spool.submit(records, fut.set_result)
+        futures.append(fut)
+    return list(await asyncio.gather(*futures))
+
+
+def test_concurrent_requests_share_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[int] = []
+    real_append = SpoolFile.append
+
+    def counting_append(self: SpoolFile, frames: list[bytes], fsync: str) -> None:
+        writes.append(len(frames))
+        real_append(self, frames, fsync)
+
+    monkeypatch.setattr(SpoolFile, "append", counting_append)
+
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path / "spool"), sp.BATCH, 1 << 20)
+        spool.open()
+        assert await submit_all(spool, sample_requests(50)) == [None] * 50
+        assert spool.events_spooled == 150
+        assert writes == [50]  # fifty requests, one write and one fsync
+        await spool.close()
+
+    asyncio.run(scenario())
+    [left] = list((tmp_path / "spool").glob("*.spool"))  # a backlog: kept for a successor
+    orphan = SpoolFile.adopt(str(left))
+    assert orphan is not None and orphan.read(1000, 1 << 20).records == flat(sample_requests(50))
+    orphan.close()
+
+
+def test_an_empty_spool_is_removed_at_close(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.BATCH, 1 << 20)
+        spool.open()
+        await spool.close()
+
+    asyncio.run(scenario())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_over_max_bytes_submit_refuses(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.NEVER, 400)
+        spool.open()
+        spool.submit([b"a" * 200], lambda error: None)
+        assert spool.accepting
+        with pytest.raises(WriterUnavailable, match="spool is full"):
+            spool.submit([b"b" * 200], lambda error: None)
+        assert not spool.accepting
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_disk_fails_the_write_and_leaves_no_partial_record(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE is what a full disk looks like to a writer (EFBIG instead of ENOSPC);
+    Python ignores SIGXFSZ, so the write fails instead of killing the process."""
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.BATCH, 1 << 30)
+        spool.open()
+        assert spool.file is not None
+        assert await submit_all(spool, sample_requests(3)) == [None] * 3
+        size = spool.file.size
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+        try:
+            [error] = await submit_all(spool, [[b"z" * 1000]])
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert isinstance(error, OSError) and error.errno == errno.EFBIG
+        assert os.path.getsize(spool.file.path) == spool.file.size == size  # cut back
+        assert not spool.accepting and spool.write_errors == 1
+        with pytest.raises(WriterUnavailable, match="cannot be written"):
+            spool.submit([b"y"], lambda error: None)
+        chunk = spool.file.read(1000, 1 << 20)
+        assert chunk.records == flat(sample_requests(3)) and chunk.problems == []
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_fsync_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync"):
+        Spool(str(tmp_path), "sometimes", 1024)
