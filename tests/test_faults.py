@@ -78,6 +78,7 @@ def chaos_redis(tmp_path: Path) -> Iterator[ChaosRedis]:
         yield server
     finally:
         server.stop()
+        server.client.close()
 
 
 @pytest.fixture
@@ -217,6 +218,7 @@ def test_redis_paused_past_the_deadline(service: Callable[..., Meteorit], chaos_
         wait_spooled(ledger, 1, pause + 10)  # answered from the spool past the deadline
         if sleeper is not None:
             sleeper.join()
+            blocked.close()
         wait_until(chaos_redis.answers, pause + 10, "the pause to end")
         load.wait_acknowledged(ledger.acknowledged + EVENTS // 2, LOAD_TIMEOUT)
     audit = settle(f"redis paused ({how})", ledger, chaos_redis.client)
