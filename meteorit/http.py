@@ -138,7 +138,9 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         connections.add(self)
-        self.deadline = monotonic() + self.limits.keepalive_timeout
+        # a worker that is stopping waits for this one: no keep-alive grace for silence
+        idle = self.limits.header_timeout if self.last_request else self.limits.keepalive_timeout
+        self.deadline = monotonic() + idle
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.lost = True
