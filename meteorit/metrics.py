@@ -120,6 +120,9 @@ COUNTERS = (  # (snapshot key, metric, help)
     ("bytes_in", "meteorit_request_body_bytes_total", "Request body bytes received on /v1/events."),
     ("redis_writes", "meteorit_redis_writes_total", "Group-commit RPUSH commands Redis acknowledged."),
     ("redis_write_errors", "meteorit_redis_write_errors_total", "RPUSH commands that failed."),
+    ("events_spooled", "meteorit_events_spooled_total",
+     "Events acknowledged from the spool because Redis could not take them in time."),
+    ("events_replayed", "meteorit_events_replayed_total", "Spooled events pushed into Redis since."),
 )
 
 

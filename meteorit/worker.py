@@ -250,7 +250,8 @@ class Worker:
             "pid": os.getpid(), "slot": self.slot, "version": self.config.version,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "connections": len(self.state.connections),
-            "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors})
+            "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
+            "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed})
 
     async def _collect_stats(self) -> metrics.Snapshot:
         """Every worker's counters over the bus, and the master's: for /metrics and /v1/stats."""

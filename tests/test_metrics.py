@@ -67,6 +67,7 @@ def test_metrics_sum_what_every_worker_counted(served: Meteorit, redis: redislib
     assert total(found, "meteorit_redis_batch_size_count") == total(found, "meteorit_redis_writes_total") >= 1
     assert total(found, "meteorit_workers") == 2 and total(found, "meteorit_workers_missing") == 0
     assert total(found, "meteorit_master_up") == 1
+    assert total(found, "meteorit_events_spooled_total") == 0  # Redis took everything
     assert total(found, "meteorit_worker_restarts_total") == 0
     per_worker = [v for (name, labels), v in found.items()
                   if name == "meteorit_events_accepted_total" and dict(labels).get("worker")]
