@@ -209,7 +209,7 @@ class BatchQueue:
         self._seq += 1
         key = self.batch_key(self._seq)
         keys = [self.queue, key, self.inflight_key, self.lease_key, self.consumers_key]
-        args = [count, self._seq, self.lease_ms, self.id]
+        args: list[str | int] = [count, self._seq, self.lease_ms, self.id]
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=True)
             pipe.evalsha(self._pop.sha, len(keys), *keys, *args)

@@ -137,19 +137,20 @@ class Consumer:
         helpers = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._report())]
         pipeline = [asyncio.create_task(self._fetch())]
         pipeline += [asyncio.create_task(self._store()) for _ in range(self.sink.writers)]
+        failure: BaseException | None = None
         try:
-            await asyncio.gather(*pipeline)
-        except Abandoned:
-            for task in pipeline:
-                task.cancel()
-            await asyncio.gather(*pipeline, return_exceptions=True)
+            done, _ = await asyncio.wait(pipeline, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+            failure = next((e for e in errors if not isinstance(e, Abandoned)), None)
         finally:
-            for task in helpers:
+            for task in pipeline + helpers:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*pipeline, *helpers, return_exceptions=True)
+        if failure is not None:  # a bug: stop whole, with what is in hand back in the queue
+            log.error("consumer failed", exc_info=failure)
         left = await self._shutdown()
         self._summary()
-        return EXIT_OK if not left else EXIT_FAILED
+        return EXIT_OK if not left and failure is None else EXIT_FAILED
 
     async def _shutdown(self) -> int:
         """Put back what was not stored, unregister, close. Returns the batches left."""

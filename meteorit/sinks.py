@@ -11,9 +11,10 @@ and received_at) and how each database gets a batch in bulk. Must not touch: Red
         block the writer) instead of inside the writer's commits. `timeout` is how long a
         writer waits for another process's write lock (default 5 s).
     postgresql://user@host:port/db  (or postgres://)
-        asyncpg; per batch: COPY of the raw records into a temporary jsonb staging table,
-        then INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING, in one transaction. The
-        columns are read out of the jsonb by the server, so Python only escapes bytes.
+        asyncpg, binary COPY, `consumer.concurrency` connections committing in parallel.
+        A batch is COPied straight into the table in one transaction; if an id is there
+        already (a redelivered batch), it goes the other way: COPY into a temporary
+        staging table, then INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING.
     ndjson:PATH  ndjson:-
         one record per line, appended (fsync per batch) or to stdout; redelivered
         batches are written again (at-least-once: dedupe by id when reading).
@@ -33,7 +34,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import orjson
@@ -267,18 +268,13 @@ class SqliteSink:
 # --- PostgreSQL
 
 
-def copy_text(records: list[bytes]) -> bytes:
-    """The records as COPY text format, one per line (valid JSON has no raw NUL)."""
-    data = b"\x00".join(records).replace(b"\\", b"\\\\")
-    for raw, escaped in ((b"\n", b"\\n"), (b"\r", b"\\r"), (b"\t", b"\\t")):
-        if raw in data:  # only JSON with whitespace between tokens
-            data = data.replace(raw, escaped)
-    return data.replace(b"\x00", b"\n") + b"\n"
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    """COPY data as asyncpg takes it (a bare bytes object would be read as a file name)."""
-    yield data
+def pg_tuples(columns: list[Any]) -> list[tuple[Any, ...]]:
+    """Flat columns as row tuples for COPY; `ts` goes in a text column, so numbers become text."""
+    rows = list(zip(*[iter(columns)] * WIDTH))
+    if any(ts is not None and type(ts) is not str for ts in columns[2::WIDTH]):
+        rows = [(i, t, ts if ts is None or type(ts) is str else orjson.dumps(ts).decode(), r, e)
+                for i, t, ts, r, e in rows]
+    return rows
 
 
 class PostgresSink:
@@ -290,15 +286,15 @@ class PostgresSink:
         self.table = check_table(table)
         self.writers = writers
         self.pool: Any = None
-        self.insert = (
-            f"INSERT INTO {self.table} (id, type, ts, received_at, event) "
-            f"SELECT event->>'id', event->>'type', event->>'ts', (event->>'received_at')::bigint, event "
-            f"FROM {PG_STAGING} ON CONFLICT (id) DO NOTHING")
+        self.insert = f"INSERT INTO {self.table} SELECT * FROM {PG_STAGING} ON CONFLICT (id) DO NOTHING"
 
     def schema(self) -> str:
+        # COLLATE "C": ids and types are compared as bytes, not by the locale (faster indexes).
+        # `event` is json, the record's exact text: storing it costs a syntax check where
+        # jsonb would rebuild it (1M events: 6.9 s against 11.3 s here); cast to jsonb to query.
         t = self.table
-        return (f"CREATE TABLE IF NOT EXISTS {t} (id text PRIMARY KEY, type text NOT NULL, ts text, "
-                f"received_at bigint NOT NULL, event jsonb NOT NULL);"
+        return (f'CREATE TABLE IF NOT EXISTS {t} (id text COLLATE "C" PRIMARY KEY, '
+                f'type text COLLATE "C" NOT NULL, ts text, received_at bigint NOT NULL, event json NOT NULL);'
                 f"CREATE INDEX IF NOT EXISTS {t}_type ON {t} (type);"
                 f"CREATE INDEX IF NOT EXISTS {t}_received_at ON {t} (received_at);")
 
@@ -322,34 +318,47 @@ class PostgresSink:
 
     @staticmethod
     async def _staging(conn: Any) -> None:
-        await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} (event jsonb) ON COMMIT DELETE ROWS")
+        await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} (id text, type text, ts text, "
+                           f"received_at bigint, event json) ON COMMIT DELETE ROWS")
 
     async def write(self, rows: Rows) -> Written:
         import asyncpg
         await self.open()
+        tuples = pg_tuples(rows.columns)
         try:
             async with self.pool.acquire() as conn:
                 try:
-                    return Written(await self._copy(conn, rows.records), [])
+                    return Written(await self._copy(conn, tuples), [])
                 except asyncpg.DataError:
-                    return await self._write_one_by_one(conn, rows.records)
+                    return await self._write_one_by_one(conn, tuples, rows.records)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise SinkUnavailable(f"postgresql: {exc}") from exc
 
-    async def _copy(self, conn: Any, records: list[bytes]) -> int:
+    async def _copy(self, conn: Any, tuples: list[tuple[Any, ...]]) -> int:
+        """Rows stored. COPY straight into the table first: a batch seen for the first time
+        has no id in the table, and that path costs half of staging + INSERT. A redelivered
+        batch fails it on the primary key and takes the staging path, which skips what is
+        there already (COPY into a staging table, INSERT ... ON CONFLICT DO NOTHING)."""
+        import asyncpg
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(self.table, records=tuples)
+            return len(tuples)
+        except asyncpg.UniqueViolationError:
+            pass
         async with conn.transaction():
-            await conn.copy_to_table(PG_STAGING, source=_once(copy_text(records)), format="text")
+            await conn.copy_records_to_table(PG_STAGING, records=tuples)
             status = await conn.execute(self.insert)
         return int(status.rsplit(" ", 1)[1])
 
-    async def _write_one_by_one(self, conn: Any, records: list[bytes]) -> Written:
-        """A record PostgreSQL refuses (jsonb has no \\u0000) must not hold up the batch."""
+    async def _write_one_by_one(self, conn: Any, tuples: list[tuple[Any, ...]], records: list[bytes]) -> Written:
+        """A row PostgreSQL refuses as data (a NUL in a text column) must not hold up the batch."""
         import asyncpg
         inserted = 0
         rejected = []
-        for record in records:
+        for row, record in zip(tuples, records):
             try:
-                inserted += await self._copy(conn, [record])
+                inserted += await self._copy(conn, [row])
             except asyncpg.DataError as exc:
                 rejected.append((record, f"postgresql refused it: {exc}"))
         return Written(inserted, rejected)

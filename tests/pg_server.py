@@ -41,9 +41,10 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, bin_dir: str, durable: bool = False) -> None:
+    def __init__(self, bin_dir: str, durable: bool = False, settings: dict[str, str] | None = None) -> None:
         self.bin_dir = bin_dir
-        self.durable = durable  # tests run with fsync off; the bench keeps the defaults
+        self.settings = settings or {}
+        self.durable = durable  # tests skip fsync (commits still survive a server crash)
         self.port = _free_port()
         self.base = tempfile.mkdtemp(prefix="meteorit-pg-")
         self.data = os.path.join(self.base, "data")
@@ -70,7 +71,8 @@ class PostgresServer:
         """Start the server (again, after pause) on the same port and data."""
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1"
         if not self.durable:
-            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            options += " -c fsync=off -c full_page_writes=off"  # no OS crash here, only server ones
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(f"{self.bin_dir}/pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "-t",
                   str(START_TIMEOUT), "start")
 

@@ -1,0 +1,467 @@
+"""meteorit-consumer end to end: real redis-server, real consumer processes, real SQLite
+files, NDJSON files and (where installed) a real PostgreSQL server; kill -9, TERM and
+SCRIPT FLUSH for real. Every assertion is what a user sees: rows, lists, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import orjson
+import pytest
+import redis as redislib
+from conftest import RedisServer, kill_group, toml_value, wait_until
+from pg_server import PostgresServer, pg_bin_dir
+
+from meteorit import rows as rowslib
+from meteorit.batches import BatchQueue
+from meteorit.events import IdGenerator, records
+
+CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
+QUEUE = "meteorit:events"
+DEAD = "meteorit:dead"
+EXIT_TIMEOUT = 60
+
+
+def make_records(n: int, start: int = 0) -> list[bytes]:
+    """Queue records as meteorit's workers build them (ids, received_at), ~200 bytes."""
+    ids = IdGenerator()
+    out: list[bytes] = []
+    for first in range(start, start + n, 1000):
+        events = [{"type": ("pageview", "click", "open")[i % 3], "url": f"https://example.com/p/{i}",
+                   "ref": "https://www.example.org/", "n": i, **({"ts": i} if i % 2 else {})}
+                  for i in range(first, min(first + 1000, start + n))]
+        out += records(events, int(time.time() * 1000), ids, 65536)[0]
+    return out
+
+
+def fill(client: redislib.Redis, recs: list[bytes], queue: str = QUEUE) -> None:
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(recs), 5000):
+        pipe.rpush(queue, *recs[i:i + 5000])
+    pipe.execute()
+
+
+def ids_of(recs: list[bytes]) -> set[str]:
+    return {orjson.loads(r)["id"] for r in recs}
+
+
+def in_flight_keys(client: redislib.Redis) -> list[bytes]:
+    return client.keys(f"{QUEUE}:batch:*")
+
+
+class Consumer:
+    """A meteorit-consumer process in its own session; JSON logs to a file."""
+
+    def __init__(self, tmp: Path, name: str, redis_url: str, sink: str, **consumer: Any) -> None:
+        self.dir = tmp
+        self.name = name
+        self.config = tmp / f"{name}.toml"
+        settings = {"sink": sink, "lease": 1.0, "name": name, "stats_interval": 0.2, **consumer}
+        self.config.write_text(
+            f"[redis]\nurl = {toml_value(redis_url)}\nqueue = {toml_value(QUEUE)}\n"
+            "[consumer]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
+        self.log_path = tmp / f"{name}.log"
+        self.out_path = tmp / f"{name}.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> Consumer:
+        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen([*CONSUMER, "-c", str(self.config), *args], stdout=out, stderr=err,
+                                         start_new_session=True, cwd=self.dir)
+        return self
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"consumer {self.name} did not exit:\n{self.log_path.read_text()}") from None
+
+    def run_once(self, *args: str) -> int:
+        return self.start("--once", *args).wait()
+
+    def logs(self, msg: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text().splitlines() if self.log_path.exists() else []:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if msg is None or entry.get("msg") == msg:
+                found.append(entry)
+        return found
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+
+
+@pytest.fixture
+def consumers(tmp_path: Path, redis: redislib.Redis,
+              redis_server: RedisServer) -> Iterator[Callable[..., Consumer]]:
+    started: list[Consumer] = []
+
+    def make(sink: str, name: str = "c1", **consumer: Any) -> Consumer:
+        c = Consumer(tmp_path, name, redis_server.url, sink, **consumer)
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+def sqlite_rows(path: Path) -> list[tuple[Any, ...]]:
+    if not path.exists():
+        return []
+    with sqlite3.connect(path, timeout=10) as db:
+        try:
+            return db.execute("SELECT id, type, ts, received_at, event FROM events").fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+
+def sqlite_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path, timeout=10) as db:
+        try:
+            return db.execute("SELECT count(*) FROM events").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def assert_nothing_in_flight(client: redislib.Redis) -> None:
+    assert client.llen(QUEUE) == 0
+    assert in_flight_keys(client) == []
+    assert client.keys(f"{QUEUE}:inflight:*") == []
+
+
+# --- SQLite and NDJSON
+
+
+def test_once_stores_every_event_exactly_and_prints_a_summary(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(25_000)
+    fill(redis, recs)
+    c = consumers("sqlite:///events.db", batch=4000)
+    assert c.run_once() == 0
+    rows = sqlite_rows(tmp_path / "events.db")
+    assert len(rows) == len(recs)
+    by_id = {r[0]: r for r in rows}
+    assert set(by_id) == ids_of(recs)
+    for rec in recs[:50] + recs[-50:]:
+        event = orjson.loads(rec)
+        ident, kind, ts, received_at, stored = by_id[event["id"]]
+        assert (kind, ts, received_at) == (event["type"], event.get("ts"), event["received_at"])
+        assert stored == rec.decode()  # the record's own bytes, not re-serialised
+    assert_nothing_in_flight(redis)
+    assert redis.scard(f"{QUEUE}:consumers") == 0  # unregistered at exit
+    assert "stored 25000 events in 7 batches, 0 duplicates skipped, 0 dead letters" in c.stdout()
+    with sqlite3.connect(tmp_path / "events.db") as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"events_type", "events_received_at"} <= indexes
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_batch_delivered_twice_is_stored_once(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(3000)
+    fill(redis, recs)
+    assert consumers("sqlite:///events.db", name="first").run_once() == 0
+    fill(redis, recs[:2000])  # as a recovered batch would come back
+    again = consumers("sqlite:///events.db", name="again")
+    assert again.run_once() == 0
+    assert sqlite_count(tmp_path / "events.db") == 3000
+    assert "stored 0 events in 1 batches, 2000 duplicates skipped" in again.stdout()
+
+
+def test_ndjson_file_and_stdout_get_one_record_per_line(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(5000)
+    fill(redis, recs)
+    assert consumers("ndjson:out.ndjson", name="file", batch=1500).run_once() == 0
+    assert (tmp_path / "out.ndjson").read_bytes() == b"".join(r + b"\n" for r in recs)
+    fill(redis, recs[:10])
+    to_stdout = consumers("ndjson:-", name="stdout")
+    assert to_stdout.run_once() == 0
+    assert to_stdout.stdout() == "".join(r.decode() + "\n" for r in recs[:10])  # the summary is on stderr
+    assert "stored 10 events" in to_stdout.log_path.read_text()
+
+
+def test_kill_9_between_pop_and_commit_loses_nothing_and_stores_nothing_twice(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(150_000)
+    fill(redis, recs)
+    db = tmp_path / "events.db"
+    victim = consumers("sqlite:///events.db", name="victim", batch=1000, concurrency=8).start()
+    wait_until(lambda: sqlite_count(db) >= 10_000, 30, "the first batches stored")
+    assert victim.proc is not None
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.wait()
+    # it died holding popped batches that were not committed, or not acknowledged
+    held = in_flight_keys(redis)
+    assert held, "the kill should land while batches are in flight"
+    assert sqlite_count(db) < len(recs)
+    after = consumers("sqlite:///events.db", name="after")
+    assert after.run_once() == 0
+    assert after.logs("recovered the in-flight batches of consumers that are gone")
+    rows = sqlite_rows(db)
+    assert len(rows) == len(recs) and {r[0] for r in rows} == ids_of(recs)
+    assert_nothing_in_flight(redis)
+    assert redis.scard(f"{QUEUE}:consumers") == 0
+
+
+def test_term_finishes_the_batches_in_hand_then_exits_0(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(150_000)
+    fill(redis, recs)
+    db = tmp_path / "events.db"
+    c = consumers("sqlite:///events.db", batch=1000, concurrency=4).start()
+    wait_until(lambda: sqlite_count(db) >= 5000, 30, "the first batches stored")
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+    stored = sqlite_count(db)
+    assert 0 < stored < len(recs)
+    assert stored + redis.llen(QUEUE) == len(recs)  # every batch in hand was stored and acknowledged
+    assert in_flight_keys(redis) == [] and redis.scard(f"{QUEUE}:consumers") == 0
+    assert consumers("sqlite:///events.db", name="rest").run_once() == 0
+    assert sqlite_count(db) == len(recs)
+
+
+def test_a_flushed_script_cache_is_reloaded(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    c = consumers("sqlite:///events.db").start()
+    recs = make_records(4000)
+    fill(redis, recs[:2000])
+    wait_until(lambda: sqlite_count(db) == 2000, 20, "the first half stored")
+    redis.script_flush()
+    fill(redis, recs[2000:])
+    wait_until(lambda: sqlite_count(db) == 4000, 20, "the second half stored after SCRIPT FLUSH")
+    assert c.logs("script cache lost; loading the script again")
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+    assert {r[0] for r in sqlite_rows(db)} == ids_of(recs)
+
+
+def test_poison_records_go_to_the_dead_letter_list_with_the_reason(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    good = make_records(100)
+    poison = {
+        b"not json at all": "not valid JSON",
+        b"[1, 2, 3]": "not a JSON object but list",
+        b'{"type": "a", "received_at": 1}': "\"id\" must be a non-empty string",
+        b'{"id": "x1", "type": 5, "received_at": 1}': "\"type\" must be a non-empty string",
+        b'{"id": "x2", "type": "a", "received_at": "soon"}': "\"received_at\" must be an integer",
+        b'{"id": "x3", "type": "a", "received_at": 1, "ts": [1]}': "\"ts\" must be a number or a string",
+        b"\xff\xfe{binary": "not valid JSON",
+    }
+    mixed = good[:50] + list(poison) + good[50:]
+    fill(redis, mixed)
+    c = consumers("sqlite:///events.db", batch=30)
+    assert c.run_once() == 0
+    assert sqlite_count(tmp_path / "events.db") == 100
+    entries = [json.loads(e) for e in redis.lrange(DEAD, 0, -1)]
+    assert len(entries) == len(poison)
+    by_record = {e.get("record", "").encode() if "record" in e else b"\xff\xfe{binary": e for e in entries}
+    for record, reason in poison.items():
+        assert reason in by_record[record]["reason"], (record, by_record[record])
+        assert by_record[record]["consumer"].startswith("c1:")
+    assert_nothing_in_flight(redis)
+    assert "7 dead letters" in c.stdout()
+
+
+def test_two_consumers_at_once_store_every_event_once(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(100_000)
+    fill(redis, recs)
+    a = consumers("sqlite:///events.db", name="a", batch=250).start("--once")
+    b = consumers("sqlite:///events.db", name="b", batch=250).start("--once")
+    assert a.wait() == 0 and b.wait() == 0
+    assert {r[0] for r in sqlite_rows(tmp_path / "events.db")} == ids_of(recs)
+    assert sqlite_count(tmp_path / "events.db") == len(recs)
+    stored = [c.logs("consumer stopped")[0]["stored"] for c in (a, b)]
+    assert sum(stored) == len(recs) and min(stored) > 0  # both took part
+    assert_nothing_in_flight(redis)
+
+
+def test_sqlite_locked_retries_with_backoff_and_loses_nothing(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    c = consumers("sqlite:///events.db?timeout=0.1").start()
+    wait_until(lambda: c.logs("sqlite sink open"), 20, "the sink open")
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        recs = make_records(3000)
+        fill(redis, recs)
+        wait_until(lambda: [e for e in c.logs("cannot store a batch; retrying with backoff")], 20,
+                   "the consumer to meet the lock")
+        assert c.alive()
+        assert redis.llen(QUEUE) + sum(redis.llen(k) for k in in_flight_keys(redis)) == 3000
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_until(lambda: sqlite_count(db) == 3000, 20, "every event stored after the lock went")
+    assert c.logs("can store a batch again")
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+    assert_nothing_in_flight(redis)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[consumer]\nsink = "mysql://db"\n')
+    out = subprocess.run([*CONSUMER, "-c", str(bad), "--once"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "config error: consumer.sink: unknown sink 'mysql://db'" in out.stderr
+    out = subprocess.run([*CONSUMER, "-c", str(bad), "--sink", "sqlite:///x.db?timeout=soon"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "timeout must be a number" in out.stderr
+
+
+# --- the Redis side alone: order of recovered batches, and the rows decoder
+
+
+def test_recovered_batches_go_back_to_the_head_in_their_original_order(
+        redis: redislib.Redis, redis_server: RedisServer) -> None:
+    fill(redis, [b"%d" % i for i in range(10)])
+
+    async def scenario() -> list[bytes]:
+        client = redislib.asyncio.Redis.from_url(redis_server.url)
+        try:
+            gone = BatchQueue(client, QUEUE, DEAD, "gone", lease=0.2)
+            first, second = await gone.pop(3), await gone.pop(3)
+            assert first is not None and second is not None
+            assert (first.records, second.records) == ([b"0", b"1", b"2"], [b"3", b"4", b"5"])
+            await client.rpush(QUEUE, b"10")  # the queue goes on while they are in flight
+            alive = BatchQueue(client, QUEUE, DEAD, "alive", lease=10)
+            assert await alive.recover() == (0, 0)  # the lease still holds
+            while await client.exists(gone.lease_key):
+                await asyncio.sleep(0.05)
+            assert await alive.recover() == (1, 6)
+            return await client.lrange(QUEUE, 0, -1)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == [b"%d" % i for i in range(11)]
+    assert redis.keys(f"{QUEUE}:*") == []
+
+
+def test_decode_reads_the_columns_and_keeps_the_record_bytes() -> None:
+    recs = [b'{"type":"a","id":"1","received_at":5}', b'{"type":"b","id":"2","received_at":7,"ts":"2026"}',
+            b'{"type":"c","id":"3","received_at":6,"ts":1.5}', b"{", b'{"type":"d","id":"","received_at":1}']
+    rows = rowslib.decode(recs)
+    assert rows.columns == ["1", "a", None, 5, recs[0].decode(), "2", "b", "2026", 7, recs[1].decode(),
+                            "3", "c", 1.5, 6, recs[2].decode()]
+    assert rows.records == recs[:3] and rows.newest_received_at == 7
+    assert [r for r, _ in rows.dead] == recs[3:]
+    entry = json.loads(rowslib.dead_letter(b"\xff", "not valid JSON", "c"))
+    assert entry["record_b64"] == "/w==" and entry["reason"] == "not valid JSON"
+
+
+# --- PostgreSQL: a server of our own (CI installs postgresql; locally they skip without it)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg(postgres: PostgresServer) -> PostgresServer:
+    postgres.psql("DROP TABLE IF EXISTS events")
+    return postgres
+
+
+def pg_ids(pg: PostgresServer) -> list[str]:
+    out = pg.psql("SELECT id FROM events")
+    return out.splitlines() if out else []
+
+
+def test_postgresql_kill_9_restart_and_a_second_consumer_store_every_event_once(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, pg: PostgresServer) -> None:
+    recs = make_records(150_000)
+    fill(redis, recs)
+    victim = consumers(pg.dsn, name="victim", batch=1000, concurrency=4).start()
+    wait_until(lambda: int(pg.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'events'")) and
+               int(pg.psql("SELECT count(*) FROM events")) >= 10_000, 30, "the first batches stored")
+    assert victim.proc is not None
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.wait()
+    assert in_flight_keys(redis)
+    a = consumers(pg.dsn, name="a", batch=2000).start("--once")
+    b = consumers(pg.dsn, name="b", batch=2000).start("--once")
+    assert a.wait() == 0 and b.wait() == 0
+    ids = pg_ids(pg)
+    assert len(ids) == len(recs) and set(ids) == ids_of(recs)
+    assert_nothing_in_flight(redis)
+    row = pg.psql("SELECT type, ts, received_at, event::text FROM events WHERE id = "
+                  f"'{orjson.loads(recs[1])['id']}'")
+    event = orjson.loads(recs[1])
+    assert row.split("|", 3) == [event["type"], str(event["ts"]), str(event["received_at"]), recs[1].decode()]
+
+
+def test_postgresql_down_then_back_loses_nothing_and_redelivery_is_skipped(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, pg: PostgresServer) -> None:
+    recs = make_records(20_000)
+    fill(redis, recs[:5000])
+    c = consumers(pg.dsn, batch=1000).start()
+    wait_until(lambda: c.logs("postgresql sink open") and not redis.llen(QUEUE) and not in_flight_keys(redis),
+               30, "the first events stored")
+    pg.pause()
+    try:
+        fill(redis, recs[5000:])
+        wait_until(lambda: c.logs("cannot store a batch; retrying with backoff"), 30, "the consumer to see the outage")
+        assert c.alive()
+    finally:
+        pg.resume()
+    wait_until(lambda: int(pg.psql("SELECT count(*) FROM events")) == len(recs), 60, "every event stored")
+    fill(redis, recs[:3000])  # a batch delivered twice: the staging path skips what is there
+    wait_until(lambda: not redis.llen(QUEUE) and not in_flight_keys(redis), 30, "the repeats drained")
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+    assert set(pg_ids(pg)) == ids_of(recs) and len(pg_ids(pg)) == len(recs)
+    assert c.logs("consumer stopped")[0]["duplicates"] == 3000
+
+
+def test_postgresql_refused_rows_become_dead_letters(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, pg: PostgresServer) -> None:
+    recs = make_records(100)
+    nul = b'{"id":"nul\\u0000id","type":"a","received_at":1}'  # valid JSON, but text has no NUL
+    fill(redis, recs[:40] + [nul] + recs[40:])
+    assert consumers(pg.dsn).run_once() == 0
+    assert len(pg_ids(pg)) == 100
+    entries = [json.loads(e) for e in redis.lrange(DEAD, 0, -1)]
+    assert [e["record"] for e in entries] == [nul.decode()]
+    assert "postgresql refused it" in entries[0]["reason"]
