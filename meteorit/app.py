@@ -16,6 +16,7 @@ gives the app a `collect_stats` coroutine that gathers every worker's counters).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -76,7 +77,7 @@ class EventsApp:
         self.ids = events.IdGenerator()
         self.counters = metrics.WorkerCounters()
         self._stats: tuple[float, asyncio.Future[metrics.Snapshot]] | None = None
-        self._rates_key: tuple[int, int, int] | None = None
+        self._rates_key: tuple[int, int, tuple[str, ...]] | None = None
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -84,10 +85,12 @@ class EventsApp:
         self.auth = Auth(config.auth.keys)
         self.max_events = config.limits.max_events_per_request
         self.max_event_size = config.limits.max_event_size
-        rates = (config.limits.key_rate, config.limits.key_burst, len(config.auth.keys))
-        if self._rates_key != rates:
+        rates = (config.limits.key_rate, config.limits.key_burst, tuple(config.auth.keys))
+        if self._rates_key != rates:  # new rates or keys: new buckets (a key's index may change)
             self._rates_key = rates
-            self.rates = KeyRates(*rates, time.monotonic())
+            self.rates = KeyRates(config.limits.key_rate, config.limits.key_burst, len(config.auth.keys),
+                                  time.monotonic())
+            self.rates_tag = hashlib.sha256(repr(rates).encode()).hexdigest()[:12]  # no key on the bus
 
     @property
     def events_accepted(self) -> int:

@@ -189,8 +189,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "workers", 0, non_negative_int,
             "Worker processes; 0 means one per CPU.", "METEORIT_WORKERS"),
     Setting("server", "reuseport", True, boolean,
-            "One SO_REUSEPORT socket per worker, so the kernel spreads connections evenly; false: one shared socket."),
-    Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket."),
+            "One SO_REUSEPORT socket per worker, so the kernel spreads connections evenly; false: one shared socket.", reload=RESTART),
+    Setting("server", "backlog", 2048, positive_int, "listen() backlog of each socket.", reload=RESTART),
     Setting("server", "max_workers", 32, positive_int,
             "Most workers TTIN may grow to; one IPC pipe per slot is made at start.", reload=RESTART),
     Setting("server", "plugins", [], module_list,
@@ -268,8 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Most records the consumer takes from the queue in one atomic pop (and stores in one transaction).",
             reload=HOT),
     Setting("consumer", "concurrency", 4, positive_int,
-            "Batches a consumer holds at once (popped, decoding or being stored); the PostgreSQL sink "
-            "commits this many in parallel, SQLite and NDJSON one at a time.", reload=HOT),
+            "Batches a consumer fetches and decodes ahead of the sink; the PostgreSQL sink also commits "
+            "this many in parallel (SQLite and NDJSON: one at a time).", reload=HOT),
     Setting("consumer", "lease", 30.0, positive_seconds,
             "A consumer that stops renewing its lease for this long is gone: another consumer puts its "
             "in-flight batches back at the head of the queue.", reload=HOT),

@@ -60,12 +60,12 @@ def encode(message: Reply, as_json: bool) -> bytes:
 
 def decode(body: bytes) -> tuple[Any, bool]:
     """(message, was JSON); ValueError when it does not decode."""
-    if body[:1] == b"{":
-        return json.loads(body), True
     try:
+        if body[:1] == b"{":
+            return json.loads(body), True
         return msgpack.unpackb(body, strict_map_key=False), False
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ValueError(f"not msgpack or JSON: {exc}") from None
+    except Exception as exc:  # msgpack raises several unrelated types; deep nesting, RecursionError
+        raise ValueError(f"not msgpack or JSON: {type(exc).__name__}: {exc}") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,9 +84,11 @@ class Connection:
         self.outbox = bytearray()
         self.requests: deque[tuple[Any, bool]] = deque()
         self.busy = False  # a request is being handled: the next one waits
+        self.dispatching = False  # _next_request is running: respond() must not re-enter it
         self.closing = False
         self.closed = False
         self.refused = False  # told why it may not talk to us: what it sends is dropped
+        self.eof = False  # the peer shut down its sending side
         self.last_active = time.monotonic()
         self.as_json = False
 
@@ -97,7 +99,8 @@ class Connection:
         self.outbox += encode(reply, self.as_json)
         self.busy = False
         self.server._flush(self)
-        self.server._next_request(self)
+        if not self.dispatching:  # a later reply (the master waited): go on with the next request
+            self.server._next_request(self)
 
     def fail(self, error: str, as_json: bool | None = None) -> None:
         if as_json is not None:
@@ -249,7 +252,13 @@ class ControlServer:
         except OSError:
             data = b""
         if not data:
-            self._close(conn)
+            if conn.refused or conn.closing:
+                self._close(conn)
+                return
+            # The peer is done sending (nc -N, socat): answer what it sent, then close.
+            conn.closing = conn.eof = True
+            self._watch(conn)
+            self._next_request(conn)
             return
         if conn.refused:
             return
@@ -273,6 +282,15 @@ class ControlServer:
         self._next_request(conn)
 
     def _next_request(self, conn: Connection) -> None:
+        conn.dispatching = True
+        try:
+            self._dispatch_requests(conn)
+        finally:
+            conn.dispatching = False
+        if conn.closing and not conn.requests and not conn.busy and not conn.outbox:
+            self._close(conn)
+
+    def _dispatch_requests(self, conn: Connection) -> None:
         while conn.requests and not conn.busy and not conn.closed:
             message, as_json = conn.requests.popleft()
             conn.as_json = as_json
@@ -287,8 +305,6 @@ class ControlServer:
                 except Exception as exc:  # a bug in one command must not take the master down
                     log.exception("control command %r failed", message.get("cmd"))
                     conn.fail(f"internal error: {exc}")
-        if conn.closing and not conn.requests and not conn.busy and not conn.outbox:
-            self._close(conn)
 
     def _flush(self, conn: Connection) -> None:
         if conn.closed:
@@ -302,11 +318,23 @@ class ControlServer:
                 self._close(conn)
                 return
             del conn.outbox[:sent]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbox else 0)
-        self.selector.modify(conn.sock, events, ("control", conn))
+        self._watch(conn)
         conn.last_active = time.monotonic()
-        if conn.closing and not conn.outbox and not conn.busy:
+        if conn.closing and not conn.outbox and not conn.busy and not conn.requests:
             self._close(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Read until the peer's EOF (level-triggered: an EOF left registered would spin),
+        write while something waits to be sent."""
+        events = (0 if conn.eof else selectors.EVENT_READ) | (selectors.EVENT_WRITE if conn.outbox else 0)
+        registered = conn.sock in self.selector.get_map() if events == 0 else None
+        try:
+            if events:
+                self.selector.modify(conn.sock, events, ("control", conn))
+            elif registered:
+                self.selector.unregister(conn.sock)
+        except KeyError:
+            self.selector.register(conn.sock, events, ("control", conn))
 
     def _close(self, conn: Connection) -> None:
         if conn.closed:

@@ -15,6 +15,7 @@ command line work.
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import json
 import os
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{exc.key}: {exc.reason}" if isinstance(exc, ConfigError) else str(exc)
         print(f"meteoritctl: {message}", file=sys.stderr)
         return EXIT_ERROR
-    timeout = args.timeout or (LONG_TIMEOUT if args.command in ("reload", "scale")
+    timeout = args.timeout if args.timeout is not None else (LONG_TIMEOUT if args.command in ("reload", "scale")
                                else DEFAULT_TIMEOUT + getattr(args, "wait", 0.0))
     try:
         reply = call(path, request, timeout)
@@ -182,8 +183,12 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def _jsonable(value: Any) -> Any:
+    """Bytes (alert replies) as text when they are UTF-8, else as {"base64": ...}: lossless."""
     if isinstance(value, (bytes, bytearray)):
-        return value.decode(errors="replace")
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode()}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 

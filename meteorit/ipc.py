@@ -319,7 +319,15 @@ class Bus:
     def _deliver(self, alert: Alert) -> None:
         self.received += 1
         if alert.name == TABLE_ALERT and alert.sender_slot == MASTER_SLOT:
-            self.set_table(msgpack.unpackb(alert.data, strict_map_key=False))
+            try:
+                table = msgpack.unpackb(alert.data, strict_map_key=False)
+                if not isinstance(table, dict):
+                    raise ValueError("not a map")
+            except Exception as exc:  # never from our master; keep the table we have
+                self.handler_errors += 1
+                log.error("ignored a slot table that does not decode: %s", exc)
+                return
+            self.set_table(table)
             return
         waiter = self.waiters.get(alert.reply_to) if alert.reply_to else None
         if waiter is not None:

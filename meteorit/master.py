@@ -52,8 +52,8 @@ from .control import Connection, ControlServer
 from .embedded import EmbeddedRedis
 from .errors import ConfigError, IpcError, MeteoritError
 from .ipc import MASTER_SLOT, Bus, Pipes
-from .worker import (CONFIG_ALERT, EXIT_BOOT_ERROR, MASTER_STATS_ALERT, READY_ALERT, STATS_ALERT,
-                     Worker)
+from .worker import (CONFIG_ALERT, EXIT_BOOT_ERROR, MASTER_STATS_ALERT, RATE_ALERT, READY_ALERT,
+                     STATS_ALERT, FINAL_ALERT, Worker)
 
 log = logging.getLogger("meteorit.master")
 
@@ -68,7 +68,9 @@ BOOT_DEADLINE = 60.0  # seconds a replacement worker has to serve before the rol
 HOT_APPLY_TIMEOUT = 5.0  # seconds workers have to acknowledge hot settings
 STATS_TIMEOUT = 1.0  # seconds the control socket's status and stats wait for the workers
 MAX_WAIT = 300.0  # most seconds a control request may ask to wait for replies
-LISTEN_KEYS = ("server.listen", "server.reuseport", "server.backlog")
+LISTEN_KEYS = ("server.listen",)
+# sent by meteorit's processes to each other with meanings of their own: never from meteoritctl
+RESERVED_ALERTS = frozenset({ipc.TABLE_ALERT, READY_ALERT, CONFIG_ALERT, RATE_ALERT, MASTER_STATS_ALERT})
 COMMANDS = ("status", "workers", "stats", "reload", "broadcast", "send", "scale", "stop")
 
 
@@ -86,7 +88,6 @@ class Roll:
     """One step of a rolling replacement: `new_slot` boots while `old_slot` still serves."""
     old_slot: int
     new_slot: int
-    deadline: float
 
 
 @dataclass
@@ -106,6 +107,8 @@ class ReloadState:
     previous: Config
     plan: configlib.ReloadPlan
     waiting: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    previous_redis_url: str = ""
+    previous_count: int = 0
     hot_waiter: ipc._Waiter | None = None
     hot_alert: int = 0
     hot_deadline: float = 0.0
@@ -149,6 +152,8 @@ class Master:
         self.restarts: Counter[int] = Counter()  # per slot
         self.reloads = 0
         self.reload_failures = 0
+        self.retired: metrics.Snapshot = {}  # the summed final counters of workers that exited
+        self.retired_pids: deque[int] = deque(maxlen=256)  # recent ones: a scrape may still see them
         self.notify = systemd.Notifier.from_env()  # every call a no-op without NOTIFY_SOCKET
         self.heartbeat = systemd.Heartbeat(self.notify, systemd.watchdog_interval(), STATS_ALERT)
         self.notified_ready = False
@@ -194,7 +199,8 @@ class Master:
         self.pipes = Pipes(cfg.server.max_workers)
         self.bus = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
         self.bus.attach_selector(self.selector)
-        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats})
+        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats,
+                          FINAL_ALERT: self._on_worker_final})
         ipc.install(self.bus)
         self.control = ControlServer(cfg.control.socket, cfg.control.group, self.selector,
                                      self.handle_control)
@@ -219,16 +225,20 @@ class Master:
         self.signals.append(signum)  # nothing else here: the loop does the work
 
     def _bind(self, cfg: Config) -> None:
-        """The listen addresses of `cfg`, reusing the sockets of addresses bound already."""
-        reuse = (cfg.server.reuseport == self.config.server.reuseport
-                 and cfg.server.backlog == self.config.server.backlog)
-        keep = {a: s for a, s in self.listen_of.items() if reuse and a in cfg.server.listen}
+        """The listen addresses of `cfg`, keeping the open sockets of addresses bound already
+        (a base socket closed with its crashed slot is bound afresh)."""
+        keep = {a: s for a, s in self.listen_of.items() if a in cfg.server.listen and s.fileno() != -1}
         fresh = sock.bind_all([a for a in cfg.server.listen if a not in keep],
                               cfg.server.backlog, cfg.server.reuseport)
         bound = iter(fresh)
+        dropped = [s for a, s in self.listen_of.items() if a not in keep]
         self.listen_of = {a: keep[a] if a in keep else next(bound) for a in cfg.server.listen}
         self.sockets = list(self.listen_of.values())
         self.addresses = [sock.describe(s) for s in self.sockets]  # port 0 resolved
+        in_use = {id(s) for socks in self.listeners.values() for s in socks}
+        for s in dropped:
+            if id(s) not in in_use:
+                s.close()  # no worker accepts on it: out of the kernel's group now
 
     def _teardown(self) -> None:
         if self.control is not None:
@@ -279,6 +289,7 @@ class Master:
             else:
                 self._maintain_redis()
                 self.spawn_missing()
+                self._kill_wedged_boots()
                 self._roll_step()
             self._answer_pending()
             self._tell_systemd()
@@ -430,6 +441,17 @@ class Master:
                     log.error("cannot start worker %d: %s", slot, exc)
                     self.next_start[slot] = now + BACKOFF_MAX
 
+    def _kill_wedged_boots(self) -> None:
+        """A worker that does not serve within BOOT_DEADLINE is killed (and respawned with
+        backoff): nothing that waits for workers to be ready may wait forever."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if not worker.ready and now - worker.started > BOOT_DEADLINE and worker.pid not in self.retiring:
+                log.error("worker did not serve within %.0fs of its start; killing it", BOOT_DEADLINE,
+                          extra={"slot": worker.slot, "worker_pid": worker.pid})
+                worker.started = now  # one kill per deadline, while the reaper catches up
+                self._kill(worker.pid, signal.SIGKILL)
+
     def _free_slot(self) -> int | None:
         """A slot no process uses and none should: its pipe is quiet."""
         free = set(range(self.config.server.max_workers)) - self.slots - self.workers.keys()
@@ -497,7 +519,11 @@ class Master:
             if worker.slot not in self.slots:
                 self._close_listeners(worker.slot)
             return
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+        boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR
+        if boot_error and self.reloading is not None and worker.version == self.config.version:
+            log.error("a worker on the reloaded config failed to boot; rolling back", extra=fields)
+            self._abort_roll(f"a new worker {how} before it served (see its log)")
+        elif boot_error:
             log.error("worker %d failed to boot (see its log line above); stopping meteorit",
                       worker.slot, extra=fields)
             self.exit_code = 1
@@ -530,7 +556,7 @@ class Master:
             plan = configlib.reload_plan(self.config, new)
             if plan.replace and any(key in LISTEN_KEYS for key in plan.replace) and not self.activated:
                 self._bind(new)
-        except (ConfigError, MeteoritError) as exc:
+        except (ConfigError, MeteoritError, OSError) as exc:
             self.reload_failures += 1
             key, reason = (exc.key, exc.reason) if isinstance(exc, ConfigError) else ("server.listen", str(exc))
             log.error("reload refused, the running config stays: %s: %s", key, reason)
@@ -541,7 +567,8 @@ class Master:
             self._reload_finished(True)
             respond(self._reload_reply(plan))
             return
-        self.reloading = ReloadState(previous=self.config, plan=plan, waiting=[respond])
+        self.reloading = ReloadState(previous=self.config, plan=plan, waiting=[respond],
+                                     previous_redis_url=self.redis_url, previous_count=self.target)
         self.config = new
         logging.getLogger().setLevel(new.log.level.upper())
         if not new.embedded_redis:
@@ -606,11 +633,7 @@ class Master:
                     self._retire(old)
                 self.roll = None
                 log.info("worker replaced", extra={"old_slot": roll.old_slot, "slot": roll.new_slot})
-            elif now > roll.deadline and new is not None:
-                log.error("replacement worker did not serve within %.0fs; keeping the old workers",
-                          BOOT_DEADLINE, extra={"slot": roll.new_slot, "worker_pid": new.pid})
-                self._kill(new.pid, signal.SIGKILL)  # its exit aborts the roll
-            return
+            return  # a replacement that never serves is killed by _kill_wedged_boots: its exit aborts the roll
         stale = [w for w in self._stale() if w.ready]
         if not stale:
             self._maybe_finish_reload()
@@ -619,7 +642,7 @@ class Master:
         if slot is None:
             self._abort_roll("no free slot for a replacement worker (raise server.max_workers)")
             return
-        self.roll = Roll(old_slot=stale[0].slot, new_slot=slot, deadline=now + BOOT_DEADLINE)
+        self.roll = Roll(old_slot=stale[0].slot, new_slot=slot)
         self._hand_over_listeners(stale[0].slot, slot)
         try:
             self.spawn(slot)
@@ -646,6 +669,14 @@ class Master:
             return
         self.reload_failures += 1
         self.config = state.previous
+        self.redis_url = state.previous_redis_url
+        if self.listen_of and list(self.listen_of) != self.config.server.listen and not self.activated:
+            try:
+                self._bind(self.config)
+            except MeteoritError as exc:
+                log.error("rollback: cannot listen on the previous addresses again: %s", exc)
+        if self.target != state.previous_count:
+            self.scale(state.previous_count)
         logging.getLogger().setLevel(self.config.log.level.upper())
         self._finish_reload({"ok": False, "error": f"reload rolled back: {reason}",
                              "version": self.config.version})
@@ -667,7 +698,8 @@ class Master:
             self.bus.forget_waiter(state.hot_alert)
         log.info("reload done" if reply.get("ok") else "reload failed", extra={
             "config_version": self.config.version, "error": reply.get("error")})
-        self._reload_finished(bool(reply.get("ok")))
+        if not self.stopping:  # no READY=1 after STOPPING=1
+            self._reload_finished(bool(reply.get("ok")))
         for respond in state.waiting:
             respond(reply)
 
@@ -741,9 +773,10 @@ class Master:
             return None
 
         def expire() -> dict[str, Any]:
-            return {"ok": False, "error": f"not settled at {count} workers in {BOOT_DEADLINE:.0f}s",
+            return {"ok": False, "error": f"not settled at {count} workers in {settle:.0f}s",
                     "workers": self._worker_rows()}
-        self._wait(conn, settled, expire, BOOT_DEADLINE)
+        settle = BOOT_DEADLINE + self.config.server.graceful_timeout + KILL_GRACE  # boots and QUITs
+        self._wait(conn, settled, expire, settle)
 
     def cmd_stop(self, conn: Connection, request: dict[str, Any]) -> None:
         graceful = bool(request.get("graceful", False))
@@ -756,6 +789,9 @@ class Master:
         name, data, wait = request.get("name"), request.get("data", b""), request.get("wait", 0)
         if not isinstance(name, str) or not name:
             conn.fail("an alert needs a name")
+            return
+        if name in RESERVED_ALERTS:
+            conn.fail(f"{name!r} is a built-in alert of meteorit's own processes")
             return
         if not isinstance(data, (bytes, str)):
             conn.fail("alert data must be bytes or a string")
@@ -819,8 +855,8 @@ class Master:
         now = time.monotonic()
         return [{"slot": w.slot, "pid": w.pid, "uptime_seconds": round(now - w.started, 3),
                  "ready": w.ready, "version": w.version, "restarts": self.restarts[w.slot],
-                 "state": "retiring" if w.pid in self.retiring or w.slot not in self.slots else
-                          "serving" if w.ready else "starting"}
+                 "state": "retiring" if w.pid in self.retiring else
+                          "serving" if w.ready and w.slot in self.slots else "starting"}
                 for _slot, w in sorted(self.workers.items())]
 
     def _master_snapshot(self) -> dict[str, Any]:
@@ -828,7 +864,18 @@ class Master:
                 "config_version": self.config.version, "config_path": self.config.path,
                 "workers_wanted": self.target, "worker_restarts": sum(self.restarts.values()),
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
-                "reloading": self.reloading is not None}
+                "reloading": self.reloading is not None,
+                "retired": self.retired, "retired_pids": list(self.retired_pids)}
+
+    def _on_worker_final(self, data: bytes) -> None:
+        try:
+            snapshot = msgpack.unpackb(data)
+        except Exception as exc:
+            log.error("final counters of pid %s do not decode: %s", ipc.sender, exc)
+            return
+        self.retired = metrics.total([self.retired, snapshot]) if self.retired else metrics.total([snapshot])
+        if ipc.sender is not None:
+            self.retired_pids.append(ipc.sender)
 
     def _on_master_stats(self, data: bytes) -> None:
         ipc.reply("master.stats", msgpack.packb(self._master_snapshot()))

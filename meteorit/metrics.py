@@ -9,7 +9,9 @@ counts and formats.
 
 Prometheus naming: counters end in `_total`, durations are in seconds. Every series comes
 once per worker with a `worker` label (the worker's slot, a bounded set) and once without
-it, the sum over the workers that answered: select `{worker=""}` for the whole service.
+it, the service's total: the workers that answered plus the final counts of the workers
+that exited (the master keeps those), so a total does not go back when a worker is
+replaced. Select `{worker=""}` for the whole service.
 """
 
 from __future__ import annotations
@@ -109,8 +111,11 @@ def _copy(value: Any) -> Any:
 
 def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot | None) -> Snapshot:
     """The JSON of `/v1/stats` and `meteoritctl stats`."""
-    workers = sorted(workers, key=lambda w: w.get("slot", 0))
-    return {"total": total(workers), "workers": workers, "missing_workers": sorted(missing), "master": master}
+    retired = set(master.get("retired_pids", [])) if master else set()
+    workers = sorted((w for w in workers if w.get("pid") not in retired), key=lambda w: w.get("slot", 0))
+    gone = [master["retired"]] if master and master.get("retired") else []
+    return {"total": total(workers + gone), "workers": workers, "missing_workers": sorted(missing),
+            "master": master}
 
 
 # --- Prometheus text format 0.0.4

@@ -47,6 +47,7 @@ CONFIG_ALERT = "config.apply"  # msgpack of the settings; applies the hot ones, 
 STATS_ALERT = "stats.get"  # replies this worker's counters (msgpack)
 RATE_ALERT = "rate.demand"  # broadcast by each worker: its per-key demand, for the rate shares
 MASTER_STATS_ALERT = "master.stats"  # asked of the master: its own counters
+FINAL_ALERT = "worker.final"  # to the master as a worker exits: its last counters
 STATS_TIMEOUT = 0.5  # seconds /metrics waits for the workers' counters
 
 TICK = 1.0  # seconds: Date header, timeout sweep, orphan check
@@ -94,7 +95,18 @@ class Worker:
             self.loop.run_until_complete(self.writer.close())
             self.loop.close()
         log.info("worker exits", extra=self._totals())
+        self._send_final_counts()
         return EXIT_OK
+
+    def _send_final_counts(self) -> None:
+        """The master adds them to the service's totals, which so never go back when a
+        worker leaves (a worker killed outright takes its counts with it)."""
+        assert self.bus is not None
+        self.bus.defer = None  # the loop is closed: write now (one small alert fits the pipe)
+        try:
+            self.bus.send(self.master_pid, FINAL_ALERT, msgpack.packb(self.snapshot()))
+        except (IpcError, OSError) as exc:
+            log.warning("final counters not sent to the master: %s", exc)
 
     def _totals(self) -> dict[str, object]:
         """What this worker did, for its last log line (benchmarks and chaos tests read it)."""
@@ -144,10 +156,11 @@ class Worker:
         if self.stop_requested:  # came between the last check and the loop's handlers
             self.handle_quit()
         loop.call_later(TICK, self._tick)
+        self._share_rates()
         loop.call_later(REBALANCE, self._report_demand)
         gc.freeze()  # boot-time objects never need collecting: keep them out of every GC pass
         log.info("worker serving", extra={"redis_ready": self.writer.ready})
-        self.bus.send(self.master_pid, READY_ALERT, cfg.version)
+        self.bus.send(self.master_pid, READY_ALERT, self.config.version)  # a hot apply may have come
 
     def _reset_inherited_state(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -230,6 +243,7 @@ class Worker:
         assert self.app is not None and self.state is not None and self.writer is not None
         new = Config(values=msgpack.unpackb(data), path=self.config.path)
         self.app.reconfigure(new)
+        self._share_rates()
         vars(self.state.limits).update(vars(new.limits))  # every connection reads this object
         self.writer.queue = new.redis.queue.encode()
         logging.getLogger().setLevel(new.log.level.upper())
@@ -273,7 +287,7 @@ class Worker:
             return
         if rates.enabled:
             try:
-                self.bus.broadcast(RATE_ALERT, msgpack.packb([self.config.version, rates.take_report()]))
+                self.bus.broadcast(RATE_ALERT, msgpack.packb([self.app.rates_tag, rates.take_report()]))
             except IpcError as exc:
                 log.warning("rate demand not sent: %s", exc)
             rates.rebalance(os.getpid(), self.bus.worker_pids, time.monotonic())
@@ -281,9 +295,16 @@ class Worker:
 
     def _on_demand(self, data: bytes) -> None:
         assert self.app is not None
-        version, report = msgpack.unpackb(data, strict_map_key=False)
-        if version == self.config.version and ipc.sender is not None:
+        # Reports count only between workers with the same rates and keys: other settings may
+        # differ during a rolling replacement, and the limit must hold through it too.
+        tag, report = msgpack.unpackb(data, strict_map_key=False)
+        if tag == self.app.rates_tag and ipc.sender is not None:
             self.app.rates.record(ipc.sender, report)
+
+    def _share_rates(self) -> None:
+        """New buckets start with an even share, not the whole rate, until reports come."""
+        assert self.app is not None and self.bus is not None
+        self.app.rates.rebalance(os.getpid(), self.bus.worker_pids, time.monotonic())
 
     def _tick(self) -> None:
         assert self.loop is not None and self.state is not None

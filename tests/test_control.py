@@ -190,6 +190,29 @@ def test_garbage_gets_an_error_and_the_master_stays_up(served: Meteorit) -> None
     assert served.post({"type": "still"})[0] == 202
 
 
+def test_a_half_closed_peer_gets_its_replies_and_deep_garbage_is_refused(served: Meteorit) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(control_path(served))
+        s.sendall(frame(b'{"cmd": "stats"}') + frame(b'{"cmd": "workers"}'))
+        s.shutdown(socket.SHUT_WR)  # as nc -N and socat do
+        stats, workers = read_frame(s), read_frame(s)
+        assert stats["ok"] and "total" in stats and workers["ok"] and len(workers["workers"]) == 2
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(control_path(served))
+        s.sendall(frame(b"[" * 5000 + b"]" * 5000) + frame(b'{"cmd": "workers"}'))
+        assert "cannot decode" in read_frame(s)["error"]
+        assert read_frame(s)["ok"] is True
+
+
+def test_built_in_alerts_cannot_be_sent_from_meteoritctl(served: Meteorit) -> None:
+    for name in ("ipc.table", "config.apply", "worker.ready", "rate.demand", "master.stats"):
+        done = served.ctl("broadcast", name, "garbage")
+        assert done.returncode == 1 and "built-in" in done.stderr
+    done = served.ctl("send", str(served.proc.pid), "ipc.table", "garbage")
+    assert done.returncode == 1
+    assert served.ctl("status").returncode == 0 and served.post({"type": "a"})[0] == 202
+
+
 def test_socket_is_private_and_a_live_one_is_not_stolen(served: Meteorit) -> None:
     mode = os.stat(control_path(served)).st_mode & 0o777
     assert mode == 0o600
@@ -285,6 +308,19 @@ def test_replacing_reload_starts_new_workers_then_retires_the_old(served: Meteor
     assert len(new) == 2 and not new & old
     wait_until(lambda: all(not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
                            for p in old), 30, "old workers to exit")
+
+
+def test_a_reload_that_scales_up_with_a_config_that_cannot_boot_rolls_back(served: Meteorit) -> None:
+    old = set(served.worker_pids().values())
+    before = served.ctl_json("status")["master"]["config_version"]
+    rewrite(served, server={"workers": 3, "plugins": ["no_such_module_anywhere"]})
+    done = served.ctl("reload")
+    assert done.returncode == 1 and "rolled back" in done.stderr, done.stdout + done.stderr
+    status = served.ctl_json("status")
+    assert status["master"]["config_version"] == before
+    assert status["master"]["workers_wanted"] == 2
+    assert {w["pid"] for w in status["workers"] if w["state"] == "serving"} == old
+    assert served.post({"type": "a"})[0] == 202
 
 
 def test_a_replacement_that_cannot_boot_keeps_the_old_workers(served: Meteorit) -> None:

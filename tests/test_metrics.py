@@ -153,3 +153,22 @@ def test_a_key_rate_holds_across_workers(meteorit_factory: Callable[..., Meteori
     served_by = [w for w in m.ctl_json("stats")["workers"] if w["requests"].get("202")]
     assert len(served_by) == 2  # both workers took part: the limit held across them
     assert redis.llen("meteorit:events") == accepted[0] + 1
+
+
+def test_totals_do_not_go_back_when_workers_are_replaced(served: Meteorit) -> None:
+    from test_control import rewrite
+    for _ in range(10):
+        assert served.post({"type": "a"})[0] == 202
+    rewrite(served, redis={"timeout": 4.0})
+    assert served.ctl_json("reload")["mode"] == "replace"
+
+    def totals() -> tuple[float, float] | None:
+        text = _get(served.port, "/metrics")
+        if text is None:
+            return None
+        found = samples(text)
+        per_worker = sum(v for (name, labels), v in found.items()
+                         if name == "meteorit_events_accepted_total" and dict(labels).get("worker"))
+        return total(found, "meteorit_events_accepted_total"), per_worker
+    # the old workers' final counts reach the master as they exit
+    assert wait_until(lambda: totals() == (10, 0), 20, "the total to keep the replaced workers' counts")
