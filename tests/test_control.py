@@ -3,6 +3,7 @@ and exit code, refused peers, garbage on the socket, and reloads that keep servi
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -333,3 +334,20 @@ def test_a_replacement_that_cannot_boot_keeps_the_old_workers(served: Meteorit) 
     assert status["master"]["config_version"] == before
     assert {w["pid"] for w in status["workers"]} == old
     assert served.post({"type": "a"})[0] == 202
+
+
+def test_listen_changes_reload_after_a_crash_and_serve_on_the_new_addresses(served: Meteorit) -> None:
+    os.kill(served.worker_pids()[0], signal.SIGKILL)  # its reuseport sockets close with it
+    wait_until(lambda: len(served.logs("worker ready")) >= 3, 20, "respawn")
+    second, third = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    for listen in ([served.base, second], [served.base, second, third], [served.base]):
+        rewrite(served, server={"listen": listen})
+        done = served.ctl("reload")
+        assert done.returncode == 0, done.stderr
+        for address in listen:
+            port = int(address.rsplit(":", 1)[1])
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/events", b'{"type":"a"}', {"Content-Type": "application/json"})
+            assert conn.getresponse().status == 202
+            conn.close()
+    assert served.proc.poll() is None
