@@ -94,7 +94,7 @@ class Consumer:
         self.counters = Counters()
         url = EmbeddedRedis(cfg.redis.data_dir).url if cfg.embedded_redis else cfg.redis.url
         self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=max(cfg.redis.timeout, 30.0), socket_connect_timeout=cfg.redis.timeout,
+            url, socket_timeout=cfg.redis.timeout, socket_connect_timeout=cfg.redis.timeout,
             retry=Retry(NoBackoff(), 0))  # one try: the loops below back off themselves
         self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
                                 cfg.consumer.lease)
@@ -185,10 +185,9 @@ class Consumer:
                 continue
             idle = IDLE_MIN
             self._waiting_for = None
-            rows = decode(batch.records)
             self.holding[batch.key] = batch
             self.nothing_in_hand.clear()
-            await self.fetched.put((batch, rows))
+            await self.fetched.put((batch, decode(batch.records)))
         for _ in range(self.sink.writers):
             await self.fetched.put(None)
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import orjson
 import pytest
 import redis as redislib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import RedisServer, kill_group, toml_value, wait_until
 from pg_server import PostgresServer, pg_bin_dir
 
@@ -377,6 +379,34 @@ def test_decode_reads_the_columns_and_keeps_the_record_bytes() -> None:
     assert [r for r, _ in rows.dead] == recs[3:]
     entry = json.loads(rowslib.dead_letter(b"\xff", "not valid JSON", "c"))
     assert entry["record_b64"] == "/w==" and entry["reason"] == "not valid JSON"
+
+
+json_scalars = st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(extra=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+       ident=st.text(min_size=1, max_size=40), kind=st.text(min_size=1, max_size=20),
+       received_at=st.integers(0, 2**62), ts=st.none() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=30))
+def test_decode_round_trips_any_valid_record(extra: dict[str, Any], ident: str, kind: str, received_at: int,
+                                             ts: Any) -> None:
+    event = {**extra, "id": ident, "type": kind, "received_at": received_at}
+    if ts is not None:
+        event["ts"] = ts
+    record = orjson.dumps(event)
+    rows = rowslib.decode([record])
+    assert rows.dead == []
+    assert rows.columns == [ident, kind, ts, received_at, record.decode()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=60) | json_values.map(orjson.dumps), max_size=8))
+def test_decode_sorts_every_record_into_rows_or_dead_letters(recs: list[bytes]) -> None:
+    rows = rowslib.decode(recs)
+    assert len(rows.records) + len(rows.dead) == len(recs)
+    assert len(rows.columns) == rowslib.WIDTH * len(rows.records)
+    assert all(reason for _, reason in rows.dead)
 
 
 # --- PostgreSQL: a server of our own (CI installs postgresql; locally they skip without it)
