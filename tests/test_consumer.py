@@ -330,6 +330,57 @@ def test_sqlite_locked_retries_with_backoff_and_loses_nothing(
     assert_nothing_in_flight(redis)
 
 
+def test_redis_down_then_restarted_the_consumer_stays_up_and_goes_on(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    c = consumers("sqlite:///events.db").start()
+    recs = make_records(2000)
+    fill(redis, recs[:1000])
+    wait_until(lambda: sqlite_count(db) == 1000, 20, "the first events stored")
+    redis_server.stop()
+    wait_until(lambda: c.logs("cannot pop a batch; retrying with backoff"), 20, "the consumer to see Redis gone")
+    assert c.alive()
+    redis_server.start()  # empty, and without the scripts
+    fill(redis, recs[1000:])
+    wait_until(lambda: sqlite_count(db) == 2000, 30, "the events pushed after the restart stored")
+    assert c.logs("can pop a batch again")
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+
+
+def test_embedded_redis_is_reached_through_its_socket(tmp_path: Path) -> None:
+    """redis.url = "embedded": the consumer connects to the socket under redis.data_dir."""
+    data_dir = tmp_path / "var" / "redis"
+    data_dir.mkdir(parents=True)
+    socket_path = data_dir / "redis.sock"
+    server = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+                               "--appendonly", "no", "--dir", str(data_dir)],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        client = redislib.Redis(unix_socket_path=str(socket_path))
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redislib.RedisError:
+                return False
+
+        wait_until(answers, 20, "the embedded-style redis-server")
+        recs = make_records(1000)
+        fill(client, recs)
+        config = tmp_path / "embedded.toml"
+        config.write_text('[redis]\nurl = "embedded"\ndata_dir = "var/redis"\n'
+                          '[consumer]\nsink = "sqlite:///events.db"\n')
+        out = subprocess.run([*CONSUMER, "-c", str(config), "--once"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=EXIT_TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        assert sqlite_count(tmp_path / "events.db") == 1000 and client.llen(QUEUE) == 0
+    finally:
+        kill_group(server)
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[consumer]\nsink = "mysql://db"\n')
