@@ -83,6 +83,8 @@ class Counters:
 
 
 class Consumer:
+    """One consumer process: the pipeline, its lease and its counters."""
+
     def __init__(self, cfg: config.Config, sink: Sink, consumer_id: str, *, once: bool = False,
                  live: bool = False) -> None:
         self.cfg = cfg
@@ -127,13 +129,15 @@ class Consumer:
         log.info("consumer starting", extra={
             "queue": self.cfg.redis.queue, "sink": self.sink.kind, "batch": self.batch_size,
             "concurrency": self.cfg.consumer.concurrency, "once": self.once})
-        try:
-            await self._retry("reach redis", self.queue.load_scripts)
-            await self._retry("open the sink", self.sink.open)
-            await self._retry("recover batches of consumers that are gone", self.queue.recover)
-        except Abandoned:
+        try:  # nothing is in hand yet: a stop ends these retries at once
+            await self._retry("reach redis", self.queue.load_scripts, give_up=self.stopping)
+            await self._retry("open the sink", self.sink.open, give_up=self.stopping)
+            await self._retry("recover batches of consumers that are gone", self.queue.recover,
+                              give_up=self.stopping)
+        except Abandoned:  # stopped before anything was popped
             await self._shutdown()
-            return EXIT_FAILED
+            self._summary()
+            return EXIT_OK
         helpers = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._report())]
         pipeline = [asyncio.create_task(self._fetch())]
         pipeline += [asyncio.create_task(self._store()) for _ in range(self.sink.writers)]
@@ -162,8 +166,9 @@ class Consumer:
                           extra={"batches": len(left), "records": released})
             await self.queue.leave()
         except RETRYABLE as exc:
-            log.error("could not unregister; the lease will expire and another consumer recovers "
-                      "what was in flight", extra={"error": brief(exc)})
+            log.log(logging.ERROR if left else logging.WARNING,
+                    "could not unregister; the lease will expire and another consumer recovers "
+                    "what was in flight", extra={"error": brief(exc)})
         try:
             await self.sink.close()
         except RETRYABLE as exc:
@@ -242,12 +247,16 @@ class Consumer:
         stored, expired leases recovered, and the batches other consumers held at that
         moment acknowledged by them (or recovered and drained by us)."""
         await self.nothing_in_hand.wait()
-        _, records = await self._retry("recover batches of consumers that are gone", self.queue.recover)
-        if records or await self._retry("read the queue length", self.queue.depth):
+        stop = self.stopping  # nothing in hand: no reason to wait past a stop
+        _, records = await self._retry("recover batches of consumers that are gone", self.queue.recover,
+                                       give_up=stop)
+        if records or await self._retry("read the queue length", self.queue.depth, give_up=stop):
             return False
         if self._waiting_for is None:
-            self._waiting_for = await self._retry("list in-flight batches", self.queue.in_flight_elsewhere)
-        self._waiting_for = await self._retry("list in-flight batches", self.queue.exists, self._waiting_for)
+            self._waiting_for = await self._retry("list in-flight batches", self.queue.in_flight_elsewhere,
+                                                  give_up=stop)
+        self._waiting_for = await self._retry("list in-flight batches", self.queue.exists, self._waiting_for,
+                                              give_up=stop)
         return not self._waiting_for
 
     # --- lease and progress
@@ -315,16 +324,19 @@ class Consumer:
 
     # --- retries
 
-    async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Call fn until it succeeds; back off on transport and sink errors."""
+    async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any,
+                     give_up: asyncio.Event | None = None) -> T:
+        """Call fn until it succeeds; back off on transport and sink errors. Raises Abandoned
+        once `give_up` is set (by default `abandon`: the batches in hand have had their time)."""
+        give_up = self.abandon if give_up is None else give_up
         while True:
             try:
                 result = await fn(*args)
             except RETRYABLE as exc:
                 self._failed(what, exc)
-                if self.abandon.is_set():
+                if give_up.is_set():
                     raise Abandoned(what) from exc
-                await self._nap(self._backoff(what), self.abandon)
+                await self._nap(self._backoff(what), give_up)
                 continue
             self._recovered(what)
             return result
