@@ -127,7 +127,9 @@ class Master:
         self.sockets: list[socket.socket] = []  # one per listen address; unix ones are shared
         self.addresses: list[str] = []  # what each slot binds, with port 0 resolved
         self.listen_of: dict[str, socket.socket] = {}  # configured address -> its socket
-        self.claimed: set[int] = set()  # ids of base sockets a slot already took (reuseport)
+        # base sockets a slot already took (reuseport); the objects, not their id(): an id is
+        # reused once a closed socket is freed, which made a fresh socket look taken
+        self.claimed: set[socket.socket] = set()
         self.listeners: dict[int, list[socket.socket]] = {}
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
@@ -381,10 +383,12 @@ class Master:
     def spawn(self, slot: int) -> None:
         assert self.pipes is not None and self.bus is not None
         listeners = self._listeners_for(slot)
-        others = {s.fileno() for socks in self.listeners.values() for s in socks} - {s.fileno() for s in listeners}
+        others = ({s.fileno() for socks in self.listeners.values() for s in socks}
+                  | {s.fileno() for s in self.sockets}) - {s.fileno() for s in listeners} - {-1}
         worker = Worker(slot, self.config, listeners, self.redis_url, os.getpid(),
                         self.pipes, self.bus.table,
-                        close_fds=(self.wake_r, self.wake_w, self.selector.fileno(), *others))
+                        close_fds=(self.wake_r, self.wake_w, self.selector.fileno(), *others,
+                                   *self._master_only_fds()))
         sys.stdout.flush()
         sys.stderr.flush()
         # Blocked across fork: a signal meant for the child before it has its own handlers
@@ -407,6 +411,16 @@ class Master:
         log.info("worker started", extra={"slot": slot, "worker_pid": pid})
         self._announce_table()
 
+    def _master_only_fds(self) -> list[int]:
+        """What a worker must not keep: the control socket (it would accept meteoritctl),
+        the embedded Redis' and the pid file's locks (a worker outliving the master would
+        hold them against the next start), the notify socket (it would speak for us)."""
+        holders = [self.control.sock if self.control is not None else None,
+                   getattr(self.redis, "_lock_fd", None), getattr(self.notify, "_sock", None),
+                   getattr(self.pid_file, "fd", None)]
+        fds = [h if isinstance(h, int) else h.fileno() for h in holders if h is not None]
+        return [fd for fd in fds if fd >= 0]
+
     def _listeners_for(self, slot: int) -> list[socket.socket]:
         """The shared sockets, or with reuseport this slot's own TCP sockets on the same
         addresses: the first slot to ask takes the ones bound at start (or reload), so no
@@ -418,8 +432,9 @@ class Master:
     def _listener(self, base: socket.socket, address: str) -> socket.socket:
         if base.family == socket.AF_UNIX or not self.config.server.reuseport or self.activated:
             return base
-        if id(base) not in self.claimed:
-            self.claimed.add(id(base))
+        if base not in self.claimed:
+            self.claimed = {s for s in self.claimed if s.fileno() != -1}
+            self.claimed.add(base)
             return base
         return sock.bind(address, self.config.server.backlog, reuseport=True)
 
@@ -550,7 +565,8 @@ class Master:
             log.warning("reload refused: a reload is already in progress")
             respond({"ok": False, "error": "a reload is already in progress"})
             return
-        self.notify.reloading()  # every outcome below ends in _reload_finished: READY=1
+        if self.notified_ready:  # before the first READY=1 systemd is not told of reloads
+            self.notify.reloading()  # every outcome below ends in _reload_finished: READY=1
         try:
             new = configlib.reload(self.config)
             plan = configlib.reload_plan(self.config, new)
@@ -704,7 +720,10 @@ class Master:
             respond(reply)
 
     def _reload_finished(self, ok: bool) -> None:
-        """Hook for what must follow every reload, applied or not (systemd's READY=1)."""
+        """Hook for what must follow every reload, applied or not (systemd's READY=1; none
+        before the first READY=1, which waits for every worker to serve)."""
+        if not self.notified_ready:
+            return
         self.notify.ready(f"{'reloaded' if ok else 'reload failed, the running config stays'}; "
                           f"{self.target} workers, config {self.config.version}")
 

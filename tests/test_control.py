@@ -346,8 +346,13 @@ def test_listen_changes_reload_after_a_crash_and_serve_on_the_new_addresses(serv
         assert done.returncode == 0, done.stderr
         for address in listen:
             port = int(address.rsplit(":", 1)[1])
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/v1/events", b'{"type":"a"}', {"Content-Type": "application/json"})
-            assert conn.getresponse().status == 202
-            conn.close()
+            for attempt in range(4):  # new connections: every socket of the address is accepted on
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                try:
+                    conn.request("POST", "/v1/events", b'{"type":"a"}', {"Content-Type": "application/json"})
+                    assert conn.getresponse().status == 202
+                except TimeoutError:
+                    raise AssertionError(f"{address} hangs after reloading to {listen}, try {attempt}") from None
+                finally:
+                    conn.close()
     assert served.proc.poll() is None
