@@ -6,18 +6,29 @@ redis.log, redis.pid, meteorit.lock), starting redis-server in its own session (
 signal reaches only the master, which stops Redis last, after the workers flushed) and
 stopping it. Must not touch: the queue's contents.
 
+Started by a root master with `server.user`, the data directory and redis-server are the
+user's: the master writes there only through new files renamed into place (redis.conf)
+and O_NOFOLLOW opens (meteorit.lock), and talks only to a redis.sock served by the user's
+uid, so nothing the user plants there leads root elsewhere.
+
 Durability: AOF with `appendfsync everysec`, Redis's default trade-off; point `redis.url`
 at a Redis of your own for anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
 import shutil
 import signal
+import socket
+import struct
+import tempfile
 import time
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -66,12 +77,12 @@ class EmbeddedRedis:
                 f"redis.url is \"embedded\" but {self.binary!r} is not installed "
                 "(apt-get install redis-server), or set redis.url to your Redis")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # first: refuses a data directory that is a symlink or someone else's, before we
+        # (root, with server.user) create anything in it
+        privileges.give(self.owner, self.dir, recursive=True)
         self._take_lock()
         self._stop_orphan()
-        conf = os.path.join(self.dir, "redis.conf")
-        with open(conf, "w") as f:
-            f.write(CONF.format(socket=self.socket_path, dir=self.dir))
-        privileges.give(self.owner, self.dir, recursive=True)
+        conf = self._write_conf()
         self.pid = privileges.spawn([binary, conf], dict(os.environ), self.owner)
         deadline = time.monotonic() + START_TIMEOUT
         while not self._answers():
@@ -121,10 +132,32 @@ class EmbeddedRedis:
         """The master's reaper collected redis-server's exit status."""
         self.pid = None
 
+    def _write_conf(self) -> str:
+        """redis.conf as a new file renamed over the old name: whatever the user's redis-server
+        left under that name (a symlink to a file of root's, a hard link) is replaced, never
+        written through."""
+        conf = os.path.join(self.dir, "redis.conf")
+        fd, tmp = tempfile.mkstemp(prefix=".redis.conf.", dir=self.dir)  # O_EXCL: a new file
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(CONF.format(socket=self.socket_path, dir=self.dir))
+            os.replace(tmp, conf)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise EmbeddedRedisError(f"cannot write {conf}: {exc.strerror}") from None
+        privileges.give(self.owner, conf)  # redis-server, as the user, reads it
+        return conf
+
     def _take_lock(self) -> None:
         if self._lock_fd is not None:
             return
-        fd = os.open(os.path.join(self.dir, "meteorit.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = os.path.join(self.dir, "meteorit.lock")
+        try:  # O_NOFOLLOW: the directory is the user's, a symlink there is not ours to open
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            reason = "a symbolic link, not followed" if exc.errno == errno.ELOOP else exc.strerror
+            raise EmbeddedRedisError(f"cannot open {path}: {reason}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,8 +166,11 @@ class EmbeddedRedis:
         self._lock_fd = fd
 
     def _client(self, timeout: float = 1.0) -> redis.Redis:
-        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=timeout,
-                           retry=Retry(NoBackoff(), 0))  # one try: the caller polls
+        server_uid = self.owner.uid if self.owner is not None and privileges.switching(self.owner) else os.geteuid()
+        pool = redis.ConnectionPool(connection_class=_OwnSocketConnection, path=self.socket_path,
+                                    socket_timeout=timeout, server_uid=server_uid,
+                                    retry=Retry(NoBackoff(), 0))  # one try: the caller polls
+        return redis.Redis.from_pool(pool)  # closes the pool with the client
 
     def _answers(self) -> bool:
         try:
@@ -164,3 +200,25 @@ class EmbeddedRedis:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self._answers() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class _OwnSocketConnection(redis.UnixDomainSocketConnection):
+    """A connection to our redis-server only: the socket's peer must run as the uid we
+    started it as. redis.sock sits in the user's directory, where the user can put a
+    symlink to another server's socket (the system's Redis): a root master would
+    otherwise ping it, or send it SHUTDOWN as an orphan of ours. The check is on the
+    connected socket itself (SO_PEERCRED), so nothing can be swapped after it."""
+
+    def __init__(self, server_uid: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_uid = server_uid
+
+    def _connect(self) -> socket.socket:
+        sock = super()._connect()
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        if uid != self.server_uid:
+            sock.close()
+            raise redis.ConnectionError(f"{self.path} is served by uid {uid}, not by our redis-server "
+                                        f"(uid {self.server_uid}): not talking to it")
+        return sock

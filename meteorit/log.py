@@ -2,14 +2,17 @@
 
 Owns: the root logger's handler and format, the log file when `log.file` is set (opened
 in append mode by every process, so lines of many processes never mix; `reopen` after
-USR1 follows a logrotate rename), and the process's role in every line (`master`,
-`worker` with its slot). Never logs API keys or event bodies: callers pass counts and
-reasons, not payloads.
+USR1 follows a logrotate rename; never opened through a symlink: the master may be
+root), and the process's role in every line (`master`, `worker` with its slot). Never
+logs API keys or event bodies: callers pass counts and reasons, not payloads.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import sys
 import time
 from typing import Any
@@ -65,8 +68,22 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(self._open())
 
     def _open(self) -> Any:
+        # O_NOFOLLOW: the master may be root and the file's directory the user's (so that
+        # workers can reopen it); a symlink planted there must not make root append to, or
+        # create, a file elsewhere. A hard link is refused for the same reason.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "it is a symbolic link (not followed: name the real file)",
+                              self.path) from None
+            raise
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            os.close(fd)
+            raise OSError(errno.EMLINK, f"it has {st.st_nlink} hard links (not written through)", self.path)
         # line-buffered: a line leaves in one write() in O_APPEND mode, whole, whoever else writes
-        return open(self.path, "a", buffering=1, encoding="utf-8")
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
     def close(self) -> None:
         self.acquire()

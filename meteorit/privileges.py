@@ -13,6 +13,8 @@ root to bind the SO_REUSEPORT socket of a respawned or added worker (the kernel 
 a socket into a reuseport group only from the euid that opened the group), to bind a
 port below 1024 again after a reload, to reopen a log file in a root-owned directory
 and to start every worker as root so that it can drop to the user. nginx works the same.
+What root does in the user's directories never follows a link the user could plant
+there (see `give`; embedded.py and log.py open their files the same way).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import pwd
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -94,15 +97,27 @@ def drop(identity: Identity | None) -> None:
 
 def give(identity: Identity | None, path: str, recursive: bool = False) -> None:
     """Make `path` (and with `recursive` everything under it) belong to the user, so that
-    processes running as the user can write, rotate or reopen it."""
-    if not switching(identity) or not path or not os.path.exists(path):
+    processes running as the user can write, rotate or reopen it.
+
+    The master is root and these paths are, or become, the user's: whatever the user can
+    plant there (a symlink, a hard link) must not turn into root changing files elsewhere.
+    So `path` itself must not be a symlink and must be root's or the user's already, the
+    walk never follows a link (os.fwalk on directory fds, chown relative to them), and a
+    file with more than one link is left alone (a hard link to a file we must not give)."""
+    if not switching(identity) or not path:
         return
     assert identity is not None
-    _chown(path, identity)
-    if recursive and os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            for name in dirs + files:
-                _chown(os.path.join(root, name), identity)
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MeteoritError(f"cannot give {path} to user {identity.user!r}: {exc.strerror}") from None
+    _check_top(path, top, identity)
+    if recursive and stat.S_ISDIR(top.st_mode):
+        _give_tree(path, identity)
+    else:
+        _chown(path, top, identity)
 
 
 def prepare_dir(identity: Identity | None, path: str) -> None:
@@ -117,9 +132,49 @@ def prepare_dir(identity: Identity | None, path: str) -> None:
     give(identity, path, recursive=True)
 
 
-def _chown(path: str, identity: Identity) -> None:
+def _check_top(path: str, top: os.stat_result, identity: Identity) -> None:
+    """Refuse what the user could have put in place of the path we were told to give."""
+    if stat.S_ISLNK(top.st_mode):
+        raise MeteoritError(f"{path} is a symbolic link: not giving its target to user {identity.user!r} "
+                            "(name the real path)")
+    if top.st_uid not in (os.geteuid(), identity.uid):
+        raise MeteoritError(f"{path} belongs to uid {top.st_uid}, neither root nor user {identity.user!r}: "
+                            "not taking it over")
+
+
+def _give_tree(path: str, identity: Identity) -> None:
+    # follow_symlinks=False: fwalk checks that each directory it opens is the one it
+    # lstat()ed, so a directory swapped for a symlink mid-walk is not entered
+    walked = False
     try:
-        os.chown(path, identity.uid, identity.gid, follow_symlinks=False)
+        for root, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
+            if not walked:
+                walked = True
+                os.chown(dir_fd, identity.uid, identity.gid)  # the top, through the fd fwalk checked
+            for name in dirs + files:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (a replayed spool file)
+                _chown(os.path.join(root, name), st, identity, (dir_fd, name))
+    except OSError as exc:
+        raise MeteoritError(f"cannot give {path} to user {identity.user!r}: {exc.strerror}") from None
+    if not walked:
+        raise MeteoritError(f"{path} changed while being given to user {identity.user!r}; not given")
+
+
+def _chown(path: str, st: os.stat_result, identity: Identity, at: tuple[int, str] | None = None) -> None:
+    """chown that never follows a symlink; `at` is (directory fd, name) inside a walk."""
+    if (st.st_uid, st.st_gid) == (identity.uid, identity.gid):
+        return
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        log.warning("not giving %s to user %r: it has %d hard links", path, identity.user, st.st_nlink)
+        return
+    dir_fd, name = at if at is not None else (None, path)
+    try:
+        os.chown(name, identity.uid, identity.gid, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
     except OSError as exc:
         raise MeteoritError(f"cannot give {path} to user {identity.user!r}: {exc.strerror}") from None
 
