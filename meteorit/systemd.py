@@ -12,15 +12,21 @@ ready (the master knows when every worker serves and calls `Notifier.ready`).
 The notify protocol (sd_notify(3)): one datagram of `KEY=VALUE` lines to the AF_UNIX
 SOCK_DGRAM address in NOTIFY_SOCKET; a leading '@' names an abstract socket. Every
 method is a no-op when NOTIFY_SOCKET is unset, and a failed send is logged, never raised:
-systemd going away must not take the service down.
+systemd going away must not take the service down. The socket is non-blocking (the
+master's loop must not stall on a busy systemd): a state change (READY=1, RELOADING=1,
+STOPPING=1) that finds systemd's queue full (EAGAIN) is kept and sent again, in order,
+before anything else, at the master's next loop turn (`Heartbeat.tick` calls `flush`):
+a lost READY=1 would leave the unit "activating" or "reloading" until its timeout.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
@@ -36,6 +42,10 @@ log = logging.getLogger("meteorit.systemd")
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first fd systemd passes
 STATUS_PERIOD = 5.0  # seconds between two STATUS= updates when no watchdog asks for more
 BEATS_PER_WATCHDOG = 4  # health is probed (and WATCHDOG=1 sent) 4 times per WATCHDOG_USEC
+RETRY_DELAY = 0.1  # seconds between two tries of a state change systemd had no room for
+MAX_PENDING = 16  # state changes kept for systemd at most (a reload queues 2); older ones go
+STATE_CHANGES = ("READY=1", "RELOADING=1", "STOPPING=1")
+TRANSIENT = (errno.EAGAIN, errno.ENOBUFS)  # systemd is busy, not gone: worth another try
 
 
 class Notifier:
@@ -45,7 +55,9 @@ class Notifier:
         self.address = _socket_address(address) if address else None
         self._sock: socket.socket | None = None
         self._warned = False
+        self._last_error: int | None = None  # errno of the last failed send
         self.last_status = ""  # the STATUS= systemd shows now
+        self.pending: deque[tuple[str, ...]] = deque(maxlen=MAX_PENDING)  # state changes not sent yet
 
     @classmethod
     def from_env(cls, env: MutableMapping[str, str] | None = None) -> Notifier:
@@ -56,17 +68,18 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def ready(self, status: str | None = None) -> None:
+    def ready(self, status: str | None = None) -> bool:
         """Serving (at start, or again after a reload). MAINPID: the pid systemd must
-        watch is ours, even when a wrapper (sh -c '... exec') started us."""
-        self.send("READY=1", f"MAINPID={os.getpid()}", *([f"STATUS={status}"] if status else []))
+        watch is ours, even when a wrapper (sh -c '... exec') started us. False: not
+        delivered now (kept for `flush` when systemd was only busy)."""
+        return self.send("READY=1", f"MAINPID={os.getpid()}", *([f"STATUS={status}"] if status else []))
 
-    def reloading(self) -> None:
+    def reloading(self) -> bool:
         """A reload starts; READY=1 must follow when it is done, whatever its outcome."""
-        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
-    def stopping(self) -> None:
-        self.send("STOPPING=1")
+    def stopping(self) -> bool:
+        return self.send("STOPPING=1")
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
@@ -75,22 +88,48 @@ class Notifier:
         self.send("WATCHDOG=1")
 
     def send(self, *lines: str) -> bool:
+        """True when systemd got the message now. A state change that found systemd busy
+        is kept for `flush`; one sent while others wait goes after them."""
         if self.address is None:
             return False
-        message = "\n".join(lines).encode()
-        self.last_status = next((line[7:] for line in lines if line.startswith("STATUS=")), self.last_status)
+        if self.flush() and self._send_now(lines):
+            return True
+        if lines[0] in STATE_CHANGES and (self.pending or self._last_error in TRANSIENT):
+            self.pending.append(lines)
+            self._note_status(lines)  # it will be delivered: STATUS= need not repeat it
+        return False
+
+    def flush(self) -> bool:
+        """Send the state changes systemd had no room for, oldest first; True once none wait."""
+        while self.pending:
+            if not self._send_now(self.pending[0]):
+                if self._last_error not in TRANSIENT:
+                    self.pending.clear()  # systemd is gone, not busy: nobody to tell
+                return False
+            self.pending.popleft()
+        return True
+
+    def _send_now(self, lines: tuple[str, ...]) -> bool:
+        if self.address is None:
+            return False
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)  # never stall the master's loop on systemd
-            self._sock.sendto(message, self.address)
+            self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:
+            self._last_error = exc.errno
             # once at warning, then at debug: a vanished notify socket must not flood the log
             level = logging.DEBUG if self._warned else logging.WARNING
             self._warned = True
             log.log(level, "systemd notify failed: %s", exc.strerror or exc, extra={"notify": lines[0]})
             return False
+        self._last_error = None
+        self._note_status(lines)
         return True
+
+    def _note_status(self, lines: tuple[str, ...]) -> None:
+        self.last_status = next((line[7:] for line in lines if line.startswith("STATUS=")), self.last_status)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -181,11 +220,18 @@ class Heartbeat:
         self.last: tuple[dict[int, tuple[int, int]], float] | None = None  # counters per pid, when
 
     def timeout(self, now: float) -> float:
-        """Seconds until the next beat (the master's select waits no longer)."""
-        return max(0.0, self.next_beat - now) if self.notifier.enabled else float("inf")
+        """Seconds until the next beat, or the next try of a state change systemd has not
+        had (the master's select waits no longer)."""
+        if not self.notifier.enabled:
+            return float("inf")
+        return min(max(0.0, self.next_beat - now), RETRY_DELAY if self.notifier.pending else float("inf"))
 
     def tick(self, now: float, bus: Bus, ready_pids: set[int], wanted: int) -> None:
-        if not self.notifier.enabled or now < self.next_beat:
+        """Called at every turn of the master's loop."""
+        if not self.notifier.enabled:
+            return
+        self.notifier.flush()
+        if now < self.next_beat:
             return
         self.next_beat = now + self.period
         silent, counters = self._collect(bus)
@@ -204,7 +250,9 @@ class Heartbeat:
             return 1, {}
         bus.forget_waiter(alert_id)
         counters = {pid: _throughput_counters(data) for pid, data in waiter.replies.items()}
-        return len(waiter.missing), counters
+        # not waiter.missing: it counts the workers that exited since the ask (waiter.left)
+        # as silent, and a worker that is gone does not make the service unhealthy
+        return len(waiter.expected - waiter.replies.keys()), counters
 
     def _ask(self, bus: Bus, ready_pids: set[int]) -> None:
         try:

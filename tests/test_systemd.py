@@ -120,6 +120,31 @@ def test_a_vanished_notify_socket_is_logged_not_raised(tmp_path: Path, caplog: p
         systemd.Notifier("relative/path")
 
 
+def test_a_state_change_systemd_had_no_room_for_is_sent_again_in_order(tmp_path: Path) -> None:
+    """A busy systemd (its queue full: EAGAIN) must still get READY=1: a lost one leaves the
+    unit activating, or reloading, until its timeout."""
+    listener = NotifySocket(str(tmp_path / "notify"))
+    notifier = systemd.Notifier(listener.address)
+    heartbeat = systemd.Heartbeat(notifier, None, "stats.get")
+    heartbeat.next_beat = time.monotonic() + 60  # no probe due: a loop turn alone must resend
+    try:
+        while notifier.send("STATUS=filler"):
+            pass  # until the receiver's queue is full
+        assert notifier.reloading() is False and notifier.ready("reloaded") is False
+        assert notifier.send("STATUS=later") is False  # not before the state changes it follows
+        assert heartbeat.timeout(time.monotonic()) <= systemd.RETRY_DELAY  # the loop comes back soon
+        listener.receive(0.2)  # systemd catches up
+        heartbeat.tick(time.monotonic(), bus=None, ready_pids=set(), wanted=0)  # type: ignore[arg-type]
+        assert not notifier.pending
+        listener.receive(0.2)
+        after = [f for _, f in listener.messages if f.get("STATUS") != "filler"]
+        assert [next(iter(f)) for f in after][:2] == ["RELOADING", "READY"], after
+        assert after[1]["STATUS"] == "reloaded"
+    finally:
+        notifier.close()
+        listener.close()
+
+
 def test_listen_fds_for_another_pid_are_ignored_and_removed() -> None:
     env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
     assert systemd.listen_sockets(env) == []
@@ -210,6 +235,34 @@ def test_watchdog_pings_while_healthy_and_stops_when_workers_are_wedged(
             os.kill(pid, signal.SIGCONT)
     woke_at = time.monotonic()
     notify_socket.wait_for("WATCHDOG", timeout=3.0, after=woke_at)
+
+
+@pytest.mark.slow
+def test_a_worker_that_exits_before_it_answers_is_gone_not_silent(
+        meteorit_factory: Callable[..., Meteorit], redis_server: RedisServer, notify_socket: NotifySocket) -> None:
+    """A probed worker that dies (and is respawned) before it replies does not count as a
+    wedged one: the service is healthy and WATCHDOG=1 goes on."""
+    m = start_notified(meteorit_factory, redis_server, notify_socket, WATCHDOG_USEC="2000000")
+    notify_socket.wait_for("READY")
+    victim = m.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)  # probed, but it cannot answer
+    try:
+        seen_at, fields = notify_socket.wait_for("STATUS", timeout=5.0, after=time.monotonic())
+        while "not answering" not in fields["STATUS"]:
+            seen_at, fields = notify_socket.wait_for("STATUS", timeout=5.0, after=seen_at)
+        # that beat has just asked again, the stopped worker included: it dies before the next
+        os.kill(victim, signal.SIGKILL)
+    except BaseException:
+        os.kill(victim, signal.SIGKILL)
+        raise
+    # the next beat (0.5 s on) finds it gone, not silent: WATCHDOG=1, not one beat later
+    ping_at, _ = notify_socket.wait_for("WATCHDOG", timeout=3.0, after=seen_at)
+    assert ping_at - seen_at < 0.8, [(round(w - seen_at, 2), f) for w, f in notify_socket.messages]
+    notify_socket.receive(0.6)
+    shown = [f["STATUS"] for when, f in notify_socket.messages if "STATUS" in f and when > seen_at]
+    assert shown and not [s for s in shown if "not answering" in s], shown
+    m.signal(signal.SIGQUIT)
+    assert m.wait() == 0
 
 
 @pytest.mark.slow
@@ -325,11 +378,46 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def test_the_unit_stops_gracefully_within_its_timeout() -> None:
     """KillSignal=SIGQUIT is the graceful stop; systemd must wait longer than it may take."""
-    from meteorit import config, master
+    from meteorit import config, embedded, master
 
     unit = (ROOT / "conf" / "meteorit.service").read_text()
     directives = dict(re.findall(r"^(\w+)=(.*)$", unit, re.MULTILINE))
     assert directives["KillSignal"] == "SIGQUIT" and directives["KillMode"] == "mixed"
     graceful = config.load(None, env={}).server.graceful_timeout + master.KILL_GRACE
-    assert float(directives["TimeoutStopSec"]) > graceful
+    assert float(directives["TimeoutStopSec"]) > graceful + embedded.STOP_TIMEOUT  # workers, then Redis
     assert directives["Type"] == "notify" and float(directives["WatchdogSec"]) > 0
+
+
+def test_the_unit_gives_the_service_a_log_directory() -> None:
+    """ProtectSystem=strict makes /var/log read-only: a log.file under /var/log/meteorit
+    needs LogsDirectory= (made writable for the service; purging the package removes it)."""
+    unit = (ROOT / "conf" / "meteorit.service").read_text()
+    assert re.search(r"^LogsDirectory=meteorit$", unit, re.MULTILINE)
+    assert re.search(r"^ProtectSystem=strict$", unit, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_systemctl_reload_fails_when_the_reload_is_refused(meteorit_factory: Callable[..., Meteorit],
+                                                           redis_server: RedisServer) -> None:
+    """The unit's ExecReload= lines, run as systemd runs them (in order, the first failure
+    ends it), against a real master: exit 0 when the reload is applied, 1 when it is refused."""
+    unit = (ROOT / "conf" / "meteorit.service").read_text()
+    m = meteorit_factory({"redis": {"url": redis_server.url}})
+    assert m.proc is not None
+    here = os.path.dirname(sys.executable) + "/"
+
+    def systemctl_reload() -> int:
+        for line in re.findall(r"^ExecReload=(.*)$", unit, re.MULTILINE):
+            argv = [word.replace("/usr/bin/", here).replace("/etc/meteorit/meteorit.toml", str(m.config))
+                    .replace("$MAINPID", str(m.proc.pid)) for word in line.split()]  # type: ignore[union-attr]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=m.config.parent, env=m.env)
+            if done.returncode != 0:
+                return done.returncode
+        return 0
+
+    m.config.write_text(m.config.read_text().replace("[redis]\n", "[redis]\ntimeout = 4.0\n"))
+    assert systemctl_reload() == 0
+    assert m.logs("reload done")
+    m.config.write_text(m.config.read_text().replace("[server]\n", "[server]\nmax_workers = 9\n"))
+    assert systemctl_reload() == 1  # valid for `meteorit -t`, refused by the master: needs a restart
+    assert m.healthy()
