@@ -1,7 +1,8 @@
 """The packages: bin/meteorit-package builds the sdist, the wheel and the .deb from this
 checkout; the .deb installs with dpkg -i on this machine (root, Debian: CI), its meteorit
 checks and serves with the installed config as the `meteorit` user, then it is removed,
-and purged, cleanly. Runs where root and dpkg are (CI); one such test at a time per machine."""
+and purged, cleanly. Runs where root and dpkg are (CI); one such test at a time per machine.
+The packaged config (bin/meteorit-package-config) is checked anywhere, in a moment."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,17 +21,18 @@ from typing import Iterator
 import pytest
 
 from conftest import free_port
+from meteorit.config import load as load_config
+from meteorit.sinks import SinkUrl, parse_sink_url
 from test_systemd import NotifySocket
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = "/tmp/meteorit-package-test.lock"
 BUILD_TIMEOUT = 600  # a cold pip cache downloads every dependency from PyPI
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dpkg-deb") is None or not Path("/usr/bin/python3").exists(),
-                       reason="installing a .deb needs root, dpkg and Debian's python3 (CI has them)"),
-]
+needs_dpkg = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("dpkg-deb") is None or not Path("/usr/bin/python3").exists(),
+    reason="installing a .deb needs root, dpkg and Debian's python3 (CI has them)")
+PACKAGED_DB = "/var/lib/meteorit/meteorit.db"
 
 
 def run(*argv: str, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -53,6 +56,26 @@ def machine_lock() -> Iterator[None]:
             run("dpkg", "--purge", "meteorit")  # whatever happened above
 
 
+@pytest.mark.parametrize("example", ["conf/meteorit.toml", "a config without the sections"])
+def test_the_packaged_config_names_absolute_paths_under_the_services_directories(example: str,
+                                                                                 tmp_path: Path) -> None:
+    """meteoritctl and meteorit-consumer read /etc/meteorit/meteorit.toml from any working
+    directory: a relative path there would name another file for each of them."""
+    source = ROOT / example if example.endswith(".toml") else tmp_path / "bare.toml"
+    if not source.exists():
+        source.write_text("[server]\nworkers = 2\n")
+    target = tmp_path / "packaged.toml"
+    done = run(sys.executable, str(ROOT / "bin" / "meteorit-package-config"), str(source), str(target))
+    assert done.returncode == 0, done.stderr
+    cfg = load_config(str(target), env={})
+    assert parse_sink_url(cfg.values["consumer.sink"]) == SinkUrl("sqlite", PACKAGED_DB)
+    assert cfg.values["redis.data_dir"] == "/var/lib/meteorit/redis"
+    assert cfg.values["spool.dir"] == "/var/lib/meteorit/spool"
+    assert cfg.values["control.socket"] == "/run/meteorit/control.sock"
+
+
+@pytest.mark.slow
+@needs_dpkg
 def test_the_deb_builds_installs_serves_and_goes_away(machine_lock: None, tmp_path: Path) -> None:
     build = run(str(ROOT / "bin" / "meteorit-package"), "--out", str(tmp_path / "dist"), timeout=BUILD_TIMEOUT)
     assert build.returncode == 0, build.stderr
@@ -70,6 +93,7 @@ def test_the_deb_builds_installs_serves_and_goes_away(machine_lock: None, tmp_pa
     assert oct(config.stat().st_mode & 0o777) == "0o640" and config.stat().st_gid == user.pw_gid
     checked = run("meteorit", "-t", "-c", str(config))
     assert checked.returncode == 0, checked.stderr
+    assert f'sink = "sqlite:///{PACKAGED_DB}"' in config.read_text()  # absolute: four slashes
     assert Path("/usr/bin/meteorit").resolve() == Path("/opt/meteorit/bin/meteorit")
     if shutil.which("systemd-analyze"):
         verify = run("systemd-analyze", "verify", "--man=no", "/lib/systemd/system/meteorit.service")
