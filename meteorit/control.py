@@ -126,7 +126,9 @@ class ControlServer:
         os.makedirs(directory, exist_ok=True)
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # born 0600: no moment where others could connect
+        # born 0600 (0660 with a group): never a moment where others could connect, and no
+        # chmod by path afterwards that a planted symlink could redirect
+        old_umask = os.umask(0o117 if self.gid is not None else 0o177)
         try:
             sock.bind(self.path)
         except OSError as exc:
@@ -136,12 +138,11 @@ class ControlServer:
             os.umask(old_umask)
         if self.gid is not None:
             try:
-                os.chown(self.path, -1, self.gid)
+                os.chown(self.path, -1, self.gid, follow_symlinks=False)
             except OSError as exc:
                 sock.close()
                 raise ControlError(f"control.group: cannot give {self.path} to group {self.group}: "
                                    f"{exc.strerror}") from None
-            os.chmod(self.path, 0o660)
         sock.listen(16)
         sock.setblocking(False)
         sock.set_inheritable(False)

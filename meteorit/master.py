@@ -938,7 +938,7 @@ class Master:
 
     def _tell_systemd(self) -> None:
         """READY=1 once every worker serves; then WATCHDOG=1 and STATUS= (systemd.Heartbeat)."""
-        ready = {w.pid for w in self.workers.values() if w.ready}
+        ready = {w.pid for w in self.workers.values() if w.ready and w.pid not in self.retiring}
         if not self.notified_ready and not self.stopping and self.all_ready():
             self.notified_ready = True
             self.notify.ready(f"{len(ready)}/{self.target} workers serving")

@@ -356,3 +356,13 @@ def test_listen_changes_reload_after_a_crash_and_serve_on_the_new_addresses(serv
                 finally:
                     conn.close()
     assert served.proc.poll() is None
+
+
+def test_control_group_opens_the_socket_to_that_group(meteorit_factory: Callable[..., Meteorit],
+                                                      redis: redislib.Redis, redis_server: RedisServer) -> None:
+    import grp
+    group = grp.getgrgid(os.getegid()).gr_name  # a group this user may give files to
+    m = meteorit_factory({"redis": {"url": redis_server.url}, "control": {"group": group}})
+    info = os.stat(control_path(m))
+    assert info.st_mode & 0o777 == 0o660 and info.st_gid == os.getegid()
+    assert m.ctl("status").returncode == 0
