@@ -126,3 +126,5 @@ def test_reloads_and_scaling_under_load_lose_nothing(meteorit_factory: Callable[
     assert set(ids) == load.acked
     assert [i for i, n in ids.items() if n > 1] == []
     assert len(load.acked) > 1000
+    print(f"\nreloads under load: {len(load.acked)} acknowledged, all in Redis once; resent after an "
+          f"unanswered close: {load.resent[False]} on reused, {load.resent[True]} on fresh connections")
