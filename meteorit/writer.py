@@ -242,18 +242,28 @@ class RedisWriter:
         try:
             while self.waiting:
                 batch = self.current = self._take_batch()
-                if self.ready and not self.slow:
-                    timer = loop.call_later(self.deadline, self._past_deadline) if self.spool else None
-                    error = await self._write(batch.values)
-                    if timer is not None:
-                        timer.cancel()
-                else:
-                    error = WriterUnavailable("redis unreachable")
-                self.current = None
-                self.pending_bytes -= batch.size
+                error: Exception | None = None
+                try:
+                    if self.ready and not self.slow:
+                        timer = loop.call_later(self.deadline, self._past_deadline) if self.spool else None
+                        try:
+                            error = await self._write(batch.values)
+                        finally:
+                            if timer is not None:
+                                timer.cancel()
+                    else:
+                        error = WriterUnavailable("redis unreachable")
+                except Exception as exc:  # a bug: the batch's requests still get an answer
+                    log.exception("redis write failed")
+                    error = exc
+                finally:  # even when cancelled: `slow` must not outlive the slow RPUSH
+                    self.current = None
+                    self.pending_bytes -= batch.size
+                    if batch.handed_over:
+                        self._slow_write_done(error)
                 if batch.handed_over:  # the spool answered them: this was the slow RPUSH
-                    self._slow_write_done(error)
-                elif error is not None and self.spool is not None:
+                    continue
+                if error is not None and self.spool is not None:
                     for records, _, done in batch.requests:
                         self._to_spool(records, done)
                 else:
@@ -393,24 +403,37 @@ class RedisWriter:
         spool = self.spool
         assert spool is not None and spool.file is not None
         try:
-            if spool.file.backlog > 0 and not await self._replay_file(spool.file):
+            if spool.backlog > 0 and not await self._replay_file(spool.file):
                 return
             while self._can_replay():
                 orphan = await spool.adopt_orphan()
                 if orphan is None:
                     return
-                if orphan.backlog > 0:
-                    log.info("replaying the spool of a process that is gone",
-                             extra={"spool": orphan.name, "bytes": orphan.backlog})
-                if await self._replay_file(orphan):
-                    await spool.remove(orphan)
-                else:
-                    await spool.release(orphan)  # kept for a later try, by us or another worker
+                if not await self._replay_orphan(orphan):
                     return
         except OSError as exc:
             log.error("spool replay failed: %s", exc)
+        except Exception:
+            log.exception("spool replay failed")
         finally:
             self.replaying = False
+
+    async def _replay_orphan(self, orphan: SpoolFile) -> bool:
+        """Replay and remove an adopted spool; True once it is gone. Whatever stops it
+        (Redis, an error, a cancel), the file is released: its lock, held on, would keep
+        every worker from adopting it until this one exits."""
+        assert self.spool is not None
+        if orphan.backlog > 0:
+            log.info("replaying the spool of a process that is gone",
+                     extra={"spool": orphan.name, "bytes": orphan.backlog})
+        try:
+            if not await self._replay_file(orphan):
+                return False  # kept for a later try, by us or another worker
+            await self.spool.remove(orphan)  # closes it even when the unlink fails
+            return True
+        finally:
+            if orphan.fd >= 0:
+                await self.spool.release(orphan)
 
     async def _replay_file(self, spool_file: SpoolFile) -> bool:
         """Push `spool_file` into Redis from its cursor, chunk by chunk; True once it is all in."""
@@ -421,9 +444,9 @@ class RedisWriter:
                 if await self._push(chunk.records) is not None:
                     return False
                 self.events_replayed += len(chunk.records)
-            elif chunk.end == spool_file.cursor:
+            elif chunk.end == chunk.start:
                 return True
-            await self.spool.advance(spool_file, chunk.end)
+            await self.spool.advance(spool_file, chunk)
         return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

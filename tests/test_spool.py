@@ -1,5 +1,5 @@
 """The spool file: layout, torn and corrupt records, the replay cursor, locks and
-adoption, group commit, the size cap and a full disk (a real RLIMIT_FSIZE)."""
+adoption, compaction, group commit, the size cap and a full disk (a real RLIMIT_FSIZE)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meteorit import spool as sp
-from meteorit.errors import WriterUnavailable
+from meteorit.config import load
+from meteorit.errors import ConfigError, WriterUnavailable
 from meteorit.spool import FRAME_SIZE, HEADER_SIZE, Spool, SpoolFile, encode_frame, parse_frames
 
 requests_st = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=5), max_size=12)
@@ -169,6 +171,29 @@ def test_a_damaged_cursor_replays_everything(tmp_path: Path) -> None:
     orphan.close()
 
 
+def test_a_damaged_magic_replays_every_intact_record(tmp_path: Path) -> None:
+    requests = sample_requests(3)
+    f = make_file(tmp_path, requests)
+    f.close()
+    with open(f.path, "r+b") as raw:
+        raw.write(b"XX")  # the file's magic, not its records
+    orphan = sp.find_orphan(str(tmp_path), own="")
+    assert orphan is not None and orphan.cursor == HEADER_SIZE
+    assert orphan.read(1000, 1 << 20).records == flat(requests)
+    orphan.close()
+
+
+def test_an_entry_that_cannot_be_opened_does_not_block_the_ones_after_it(tmp_path: Path) -> None:
+    (tmp_path / "0-aaaa.spool").mkdir()  # sorts first; opening it fails with EISDIR
+    f = make_file(tmp_path, sample_requests(1))
+    f.close()
+    skipped: set[str] = set()
+    orphan = sp.find_orphan(str(tmp_path), own="", skipped=skipped)
+    assert orphan is not None and orphan.path == f.path
+    assert skipped == {"0-aaaa.spool"}  # reported once, not on every tick
+    orphan.close()
+
+
 def test_a_foreign_file_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / "stray.spool").write_bytes(b"not a spool file at all, longer than a header")
     assert sp.find_orphan(str(tmp_path), own="") is None
@@ -195,6 +220,34 @@ def test_a_large_record_is_read_whole(tmp_path: Path) -> None:
     f.close()
 
 
+def test_compaction_keeps_what_is_not_replayed_and_rebases_a_chunk_read_before(tmp_path: Path) -> None:
+    requests = sample_requests(10)
+    f = make_file(tmp_path, requests)
+    old_path = f.path
+    f.advance(f.read(max_events=18, max_bytes=1 << 20).end)  # 6 of 10 requests replayed
+    pending = f.read(max_events=3, max_bytes=1 << 20)  # pushed to Redis while an append comes
+    assert pending.records == flat(requests[6:7])
+    late = [b"late"]
+    f.append([encode_frame(late)], sp.NEVER, limit=f.size)  # no room unless the front goes
+    assert f.path != old_path and not os.path.exists(old_path)
+    assert f.shift > 0 and os.path.getsize(f.path) == f.size < f.shift + f.size
+    f.advance(pending.end, pending.shift)
+    assert f.read(1000, 1 << 20).records == flat(requests[7:]) + late
+    f.close()
+    orphan = SpoolFile.adopt(f.path)  # what a successor finds after a crash
+    assert orphan is not None and orphan.read(1000, 1 << 20).records == flat(requests[7:]) + late
+    orphan.close()
+
+
+def test_appends_with_room_leave_the_file_where_it_is(tmp_path: Path) -> None:
+    f = make_file(tmp_path, sample_requests(4))
+    path = f.path
+    f.advance(f.read(max_events=6, max_bytes=1 << 20).end)
+    f.append([encode_frame([b"more"])], sp.NEVER, limit=1 << 20)
+    assert f.path == path and f.shift == 0
+    f.close()
+
+
 # --- the worker's spool: group commit, the cap, a full disk
 
 
@@ -212,9 +265,9 @@ def test_concurrent_requests_share_one_write(tmp_path: Path, monkeypatch: pytest
     writes: list[int] = []
     real_append = SpoolFile.append
 
-    def counting_append(self: SpoolFile, frames: list[bytes], fsync: str) -> None:
+    def counting_append(self: SpoolFile, frames: list[bytes], fsync: str, limit: int | None = None) -> None:
         writes.append(len(frames))
-        real_append(self, frames, fsync)
+        real_append(self, frames, fsync, limit)
 
     monkeypatch.setattr(SpoolFile, "append", counting_append)
 
@@ -255,6 +308,117 @@ def test_over_max_bytes_submit_refuses(tmp_path: Path) -> None:
         await spool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_larger_than_the_spool_is_refused_without_marking_it_full(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.NEVER, 8192)
+        spool.open()
+        assert spool.file is not None
+        with pytest.raises(WriterUnavailable, match="larger than the spool"):
+            spool.submit([b"x" * 9000], lambda error: None)
+        assert spool.accepting  # /readyz: the others still fit
+        assert await submit_all(spool, [[b"small"]]) == [None]
+        await spool.advance(spool.file, await spool.read(spool.file, 100, 1 << 20))
+        assert spool.accepting and spool.used == HEADER_SIZE
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_spool_accepts_again_once_replay_cut_it_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.NEVER, 4096)
+        spool.open()
+        assert spool.file is not None
+        assert await submit_all(spool, [[b"a" * 1500], [b"b" * 1500]]) == [None, None]
+        with pytest.raises(WriterUnavailable, match="spool is full"):
+            spool.submit([b"c" * 1500], lambda error: None)
+        assert not spool.accepting
+        while (chunk := await spool.read(spool.file, 1, 1 << 20)).records:
+            await spool.advance(spool.file, chunk)
+        assert spool.file.size == HEADER_SIZE and spool.accepting
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_replayed_bytes_make_room_for_new_requests(tmp_path: Path) -> None:
+    """A Redis that comes and goes: what a replay pushed does not count against max_bytes,
+    and the file itself stays within it."""
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.NEVER, 4096)
+        spool.open()
+        assert spool.file is not None
+        first = [[b"%d" % i + b"a" * 900] for i in range(4)]
+        assert await submit_all(spool, first) == [None] * 4
+        await spool.advance(spool.file, await spool.read(spool.file, 3, 1 << 20))  # Redis went again
+        second = [[b"%d" % i + b"b" * 900] for i in range(3)]
+        assert await submit_all(spool, second) == [None] * 3
+        assert os.path.getsize(spool.file.path) <= 4096
+        assert spool.file.read(1000, 1 << 20).records == flat(first[3:] + second)
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_bytes_being_written_are_counted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncing, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:  # a disk whose fsync takes a while
+        syncing.set()
+        release.wait(10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(sp.os, "fdatasync", slow_fdatasync)
+
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.BATCH, 8192)
+        spool.open()
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[Any] = loop.create_future()
+        spool.submit([b"a" * 4000], first.set_result)
+        await loop.run_in_executor(None, syncing.wait, 10)  # written, its fsync running
+        assert spool.used == HEADER_SIZE + len(encode_frame([b"a" * 4000]))
+        second: asyncio.Future[Any] = loop.create_future()
+        spool.submit([b"b" * 4000], second.set_result)  # 8,072 of 8,192 bytes: it fits
+        release.set()
+        assert [await first, await second] == [None, None]
+        await spool.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+
+
+def test_group_commit_writes_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[int] = []
+    real_append = SpoolFile.append
+
+    def counting_append(self: SpoolFile, frames: list[bytes], fsync: str, limit: int | None = None) -> None:
+        writes.append(len(frames))
+        real_append(self, frames, fsync, limit)
+
+    monkeypatch.setattr(SpoolFile, "append", counting_append)
+
+    async def scenario() -> None:
+        spool = Spool(str(tmp_path), sp.NEVER, 1 << 30)
+        spool.open()
+        big = [[b"x" * (sp.WRITE_MAX * 2 // 5)] for _ in range(5)]
+        assert await submit_all(spool, big) == [None] * 5
+        assert writes == [2, 2, 1]  # not one write that a full disk would fail whole
+        await spool.close()
+
+    asyncio.run(scenario())
+
+
+def test_config_refuses_a_spool_smaller_than_one_request() -> None:
+    with pytest.raises(ConfigError, match="spool.max_bytes"):
+        load(env={}, overrides={"spool.max_bytes": "1MiB", "limits.max_body": "1MiB"})
+    cfg = load(env={}, overrides={"spool.max_bytes": "8KiB", "limits.max_body": "4KiB"})
+    assert cfg.spool.max_bytes == 8192
 
 
 def test_a_full_disk_fails_the_write_and_leaves_no_partial_record(tmp_path: Path) -> None:

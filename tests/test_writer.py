@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import redis as redislib
 
 from conftest import RedisServer, free_port, wait_until
+from meteorit import spool as spoolfile
 from meteorit.errors import WriterUnavailable
 from meteorit.spool import Spool, SpoolFile, encode_frame
 from meteorit.writer import RedisWriter
@@ -141,6 +143,11 @@ def submit_answers(writer: RedisWriter, count: int, per_request: int,
     return futures
 
 
+async def answered(futures: list[asyncio.Future[Any]], timeout: float = 5) -> list[Any]:
+    """The answers, or a failure (not a hang) when some request is never answered."""
+    return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+
+
 async def wait_for(check: Callable[[], Any], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -242,3 +249,80 @@ def test_orphan_spools_are_replayed_and_removed(redis_server: RedisServer, redis
     asyncio.run(scenario())
     assert redis.lrange(QUEUE, 0, -1) == [b"orphan-%d" % i for i in range(4)]
     assert not os.path.exists(dead.path)
+
+
+@pytest.mark.parametrize("fault", ["advance", "remove"])
+def test_an_orphan_whose_replay_fails_is_released(redis_server: RedisServer, redis: redislib.Redis,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  fault: str) -> None:
+    """A failure while replaying an adopted spool must give its lock back: held on, it
+    would keep every worker from adopting the file until this one exits."""
+    dead = SpoolFile.create(str(tmp_path), durable=False)
+    dead.append([encode_frame([b"orphan-%d" % i]) for i in range(3)], "never")
+    dead.close()
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+    if fault == "advance":
+        real_advance = SpoolFile.advance
+
+        def failing_advance(self: SpoolFile, end: int, shift: int | None = None) -> int:
+            if not self.owned and failures:
+                raise failures.pop()
+            return real_advance(self, end, shift)
+
+        monkeypatch.setattr(SpoolFile, "advance", failing_advance)
+    else:
+        real_unlink = os.unlink
+
+        def failing_unlink(path: str) -> None:
+            if path == dead.path and failures:
+                raise failures.pop()
+            real_unlink(path)
+
+        monkeypatch.setattr(spoolfile.os, "unlink", failing_unlink)
+
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path)
+        await writer.start()  # adopts the orphan; its replay fails once
+        await wait_for(lambda: not failures and not writer.replaying, 5)
+        assert os.path.exists(dead.path)
+        other = SpoolFile.adopt(dead.path)  # another worker can take it over now
+        assert other is not None
+        other.close()
+        writer.check_spools()  # the next tick: replayed (again, at worst) and removed
+        await wait_for(lambda: not os.path.exists(dead.path) and not writer.replaying, 5)
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert set(redis.lrange(QUEUE, 0, -1)) == {b"orphan-%d" % i for i in range(3)}
+
+
+def test_an_unexpected_error_in_a_write_leaves_no_spooling_state_behind(
+        redis_server: RedisServer, redis: redislib.Redis, tmp_path: Path) -> None:
+    """A bug in the write path (here: after the RPUSH reply) must neither strand the
+    requests of the batch nor leave the writer spooling for good."""
+    async def scenario() -> None:
+        writer = make_spooling_writer(redis_server.url, tmp_path, deadline=0.2)
+        await writer.start()
+        real_saw = writer._saw_queue_length
+        bugs = [RuntimeError("bug")]
+
+        def buggy_saw(length: object) -> None:
+            if bugs:
+                raise bugs.pop()
+            real_saw(length)
+
+        writer._saw_queue_length = buggy_saw  # type: ignore[method-assign]
+        # before the deadline: answered (from the spool), and no deadline timer left to fire
+        assert await answered(submit_answers(writer, 1, 1, "a")) == [(None, True)]
+        await asyncio.sleep(3 * writer.deadline)
+        assert not writer.slow
+        # past the deadline: the slow RPUSH ends in the bug, spooling ends with it
+        bugs.append(RuntimeError("bug"))
+        redis.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        assert await answered(submit_answers(writer, 1, 1, "b")) == [(None, True)]
+        assert writer.slow
+        await wait_for(lambda: not writer.slow, 5)
+        assert await answered(submit_answers(writer, 1, 1, "c")) == [(None, False)]
+        await writer.close()
+
+    asyncio.run(scenario())
