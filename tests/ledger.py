@@ -7,12 +7,11 @@ acknowledged (202, from Redis or `"spooled": true`), or rejected (any other stat
 `Ledger.audit` then reads the queue and counts the acknowledged ids found, missing (the
 number that must be 0) and duplicated.
 
-When Redis itself loses data (restarted empty), the events it had acknowledged are its
-loss, not meteorit's: the test moves the ledger's `epoch` at the crash and at the
-restart, and `audit(redis_lost=(crash, restart))` leaves out the events Redis had taken
-before the restart; events acknowledged as spooled are always expected. Events a test
-destroys on disk itself (a spool cut mid-record) are marked with `destroy` and must NOT
-come back.
+When Redis itself loses data (restarted empty), the events it held are its loss, not
+meteorit's: the test pauses Redis's writes and calls `redis_crashed` just before it kills
+Redis, which writes off exactly the events in the queue then. Every other acknowledged
+event, above all the spooled ones not replayed yet, must reach the Redis that comes back. Events a test destroys on disk itself (a spool cut mid-record) are
+marked with `destroy` and must NOT come back.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ class Audit:
     found: int  # acknowledged events found in the queue
     missing: int  # acknowledged events not in the queue: must be 0
     duplicated: int  # extra copies in the queue (at-least-once: allowed, should be few)
-    lost_with_redis: int  # acknowledged by a Redis that then restarted empty (not expected)
+    lost_with_redis: int  # in the queue of a Redis that then restarted empty (not expected)
     destroyed: int  # acknowledged, then destroyed on disk by the test itself (not expected)
     destroyed_found: int  # of those, found in the queue anyway: must be 0 (no garbage replayed)
     missing_ids: list[str]
@@ -62,9 +61,8 @@ class Ledger:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.fate = bytearray()
-        self.epochs = bytearray()  # the ledger's epoch when the fate was settled
         self.copies = bytearray()  # times each id was seen in the queue (saturating)
-        self.epoch = 0
+        self.lost = bytearray()  # 1: was in the queue of a Redis that lost its data
         self.read_upto = 0  # queue records already counted
         self.statuses: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -74,15 +72,14 @@ class Ledger:
         with self.lock:
             first = len(self.fate)
             self.fate.extend(bytes((SENT,)) * count)
-            self.epochs.extend(bytes(count))
             self.copies.extend(bytes(count))
+            self.lost.extend(bytes(count))
         return first
 
     def settle(self, first: int, count: int, status: int, spooled: bool) -> None:
         fate = (SPOOLED if spooled else ACKED) if status == 202 else REJECTED
         with self.lock:
             self.fate[first:first + count] = bytes((fate,)) * count
-            self.epochs[first:first + count] = bytes((self.epoch,)) * count
             self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def destroy(self, numbers: list[int]) -> None:
@@ -98,29 +95,47 @@ class Ledger:
     def acknowledged(self) -> int:
         return self.count(ACKED, SPOOLED)
 
-    def read_queue(self, client: Any, queue: str) -> None:
-        """Count the ids of the queue records not read yet (the queue only grows here)."""
+    def redis_crashed(self, client: Any, queue: str) -> None:
+        """Redis is about to lose its data, and its writes are paused (so nothing lands
+        between this read and the crash): the events in its queue now are its loss. The
+        queue starts over empty, and so does the count of copies."""
+        numbers, _ = self._numbers(client, queue, 0)
+        with self.lock:
+            for n in numbers:
+                self.lost[n] = 1
+            self.copies = bytearray(len(self.copies))
+            self.read_upto = 0
+
+    def _numbers(self, client: Any, queue: str, start: int) -> tuple[list[int], int]:
+        """The ledger numbers of the queue's records from `start` on (other records are
+        skipped), and the index after the last record read."""
         prefix = self.prefix
         cut = len(prefix)
+        numbers: list[int] = []
         while True:
-            records = client.lrange(queue, self.read_upto, self.read_upto + READ_CHUNK - 1)
+            records = client.lrange(queue, start, start + READ_CHUNK - 1)
             if not records:
-                return
-            self.read_upto += len(records)
-            copies = self.copies
+                return numbers, start
+            start += len(records)
             for raw in records:
                 event_id = orjson.loads(raw).get("id", "")
                 if event_id.startswith(prefix):
-                    n = int(event_id[cut:])
-                    if copies[n] < 255:
-                        copies[n] += 1
+                    numbers.append(int(event_id[cut:]))
 
-    def audit(self, client: Any, queue: str, redis_lost: tuple[int, int] | None = None) -> Audit:
+    def read_queue(self, client: Any, queue: str) -> None:
+        """Count the ids of the queue records not read yet (the queue only grows here)."""
+        numbers, self.read_upto = self._numbers(client, queue, self.read_upto)
+        copies = self.copies
+        for n in numbers:
+            if copies[n] < 255:
+                copies[n] += 1
+
+    def audit(self, client: Any, queue: str) -> Audit:
         self.read_queue(client, queue)
         found = missing = duplicated = lost = destroyed_found = 0
         missing_ids: list[str] = []
         with self.lock:
-            fate, epochs, copies = bytes(self.fate), bytes(self.epochs), bytes(self.copies)
+            fate, copies, in_lost_redis = bytes(self.fate), bytes(self.copies), bytes(self.lost)
         for n, state in enumerate(fate):
             if copies[n] > 1:
                 duplicated += copies[n] - 1
@@ -128,8 +143,7 @@ class Ledger:
                 destroyed_found += 1
             if state not in (ACKED, SPOOLED):
                 continue
-            if redis_lost is not None and epochs[n] < redis_lost[1] and (
-                    epochs[n] < redis_lost[0] or state == ACKED):
+            if in_lost_redis[n] and not copies[n]:
                 lost += 1
                 continue
             if copies[n]:
