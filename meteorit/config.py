@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from redis.connection import parse_url as parse_redis_url
 
 from .errors import ConfigError
+from .spool import FRAMING as SPOOL_FRAMING
 
 EMBEDDED = "embedded"
 # What a reload does when a setting changed (see `reload_plan`):
@@ -372,6 +373,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if cfg.worker_count > cfg.server.max_workers:
         raise ConfigError("server.workers", f"{cfg.worker_count} workers is over server.max_workers "
                           f"({cfg.server.max_workers})")
+    if cfg.spool.max_bytes < cfg.limits.max_body + SPOOL_FRAMING:
+        raise ConfigError("spool.max_bytes", f"{cfg.spool.max_bytes} bytes cannot hold one request of "
+                          f"limits.max_body ({cfg.limits.max_body}) and its framing ({SPOOL_FRAMING} bytes)")
     return cfg
 
 
