@@ -27,8 +27,11 @@ live lease or recoverable. If C stalls past its lease and another consumer recov
 batches, C's later acks find nothing to delete and change nothing (the records are
 stored again by whoever pops them, and deduplicated by id).
 
-Keys are built inside the scripts from Q, so on Redis Cluster give the queue a hash tag
-(`{meteorit}:events`) to keep every key in one slot.
+Redis Cluster is not supported as such: RECOVER and IN_FLIGHT_ELSEWHERE build the other
+consumers' keys inside Lua from Q and the members of Q:consumers, where Cluster wants
+every key a script touches in KEYS[]. With a hash-tagged queue (`{meteorit}:events`) every
+key is in one slot and it works, outside that contract. Passing them all in KEYS[] would
+take a read of Q:consumers before each script, racing with the consumers it lists.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ Failures never lose a batch: Redis or the sink being down means a retry with bac
 the batch staying in hand (and in its in-flight list). TERM or INT stops fetching, lets
 the batches in hand be committed and acknowledged, unregisters and exits 0; if the sink
 is still down STOP_TIMEOUT later (or at a second signal), the batches left are pushed
-back to the head of the queue and the exit code is 1.
+back to the head of the queue and the exit code is 1. A call that hangs (a sink waiting
+on a lock) is cancelled at that moment too: a stop never waits on the sink for longer.
+A sink gone for good (SinkFailed: stdout closed) stops the consumer the same way, exit 1.
 
     meteorit-consumer [-c FILE] [--sink URL] [--batch N] [--concurrency N] [--once]
                       [--redis URL] [--name NAME]
@@ -46,14 +48,19 @@ from . import log as logsetup
 from .batches import Batch, BatchQueue
 from .embedded import EmbeddedRedis
 from .errors import ConfigError
-from .rows import Rows, decode, dead_letter
-from .sinks import Sink, SinkUnavailable, Written, open_sink
+from .rows import WIDTH, Rows, decode, dead_letter
+from .sinks import Sink, SinkFailed, SinkUnavailable, Written, open_sink
 
 log = logging.getLogger("meteorit.consumer")
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # config error, or batches left unstored at exit; argparse exits 2
 STOP_TIMEOUT = 30.0  # after TERM, how long the batches in hand may wait for the sink
+LAST_TRY = 2.0  # a call made once stopping is given up (an ack of a stored batch) gets this long
+CANCEL_WAIT = 1.0  # for a cancelled call to clean up (asyncpg cancelling its COPY)
+CANCEL_ROUNDS = 3
+STALL_SHARE = 2 / 3  # of consumer.lease: a database statement taking longer is stuck
+DUPLICATE_IDS_LOGGED = 20
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 IDLE_MIN, IDLE_MAX = 0.01, 0.5  # polling an empty queue, doubling up to the max
 ONCE_IDLE_MAX = 0.1
@@ -66,6 +73,14 @@ T = TypeVar("T")
 
 class Abandoned(Exception):
     """Stopping took longer than STOP_TIMEOUT (or a second signal came): give up retrying."""
+
+
+# Signals that came before the event loop could take them (see main).
+_early_signals: list[str] = []
+
+
+def record_early_signal(signum: int, frame: Any) -> None:
+    _early_signals.append(signal.Signals(signum).name)
 
 
 @dataclass
@@ -126,14 +141,18 @@ class Consumer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop, sig.name)
+        for name in _early_signals:
+            self.handle_stop(name)
         log.info("consumer starting", extra={
             "queue": self.cfg.redis.queue, "sink": self.sink.kind, "batch": self.batch_size,
             "concurrency": self.cfg.consumer.concurrency, "once": self.once})
+        start_up = (("reach redis", self.queue.load_scripts), ("open the sink", self.sink.open),
+                    ("recover batches of consumers that are gone", self.queue.recover))
         try:  # nothing is in hand yet: a stop ends these retries at once
-            await self._retry("reach redis", self.queue.load_scripts, give_up=self.stopping)
-            await self._retry("open the sink", self.sink.open, give_up=self.stopping)
-            await self._retry("recover batches of consumers that are gone", self.queue.recover,
-                              give_up=self.stopping)
+            for what, step in start_up:
+                if self.stopping.is_set():
+                    raise Abandoned(what)
+                await self._retry(what, step, give_up=self.stopping)
         except Abandoned:  # stopped before anything was popped
             await self._shutdown()
             self._summary()
@@ -147,10 +166,11 @@ class Consumer:
             errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
             failure = next((e for e in errors if not isinstance(e, Abandoned)), None)
         finally:
-            for task in pipeline + helpers:
-                task.cancel()
-            await asyncio.gather(*pipeline, *helpers, return_exceptions=True)
-        if failure is not None:  # a bug: stop whole, with what is in hand back in the queue
+            self.stopping.set()  # so that a loop whose cancellation was swallowed ends anyway
+            await stop_tasks(pipeline + helpers)
+        if isinstance(failure, SinkFailed):  # stop whole, with what is in hand back in the queue
+            log.error("the sink can take nothing more; stopping", extra={"error": str(failure)})
+        elif failure is not None:  # a bug: the same
             log.error("consumer failed", exc_info=failure)
         left = await self._shutdown()
         self._summary()
@@ -204,6 +224,9 @@ class Consumer:
                 await self.queue.release(self.orphans)
                 self.orphans.clear()
             batch = await self.queue.pop(self.batch_size)
+        except asyncio.CancelledError:  # the pipeline stops: that pop may have moved a batch
+            self.orphans.append(key)
+            raise
         except RETRYABLE as exc:
             if key not in self.orphans:
                 self.orphans.append(key)
@@ -219,24 +242,33 @@ class Consumer:
             if item is None:
                 return
             batch, rows = item
+            if self.abandon.is_set():  # given up: this one goes back to the queue
+                raise Abandoned("store a batch")
             written = Written(0, [])
             if len(rows):
                 written = await self._retry("store a batch", self.sink.write, rows)
             dead = [dead_letter(record, reason, self.id) for record, reason in rows.dead + written.rejected]
-            await self._retry("acknowledge a batch", self.queue.ack, batch, dead)
+            acked = await self._retry("acknowledge a batch", self.queue.ack, batch, dead)
             del self.holding[batch.key]
             if not self.holding:
                 self.nothing_in_hand.set()
-            self._count(rows, written, len(dead))
+            if not acked:  # recovered by another consumer meanwhile: its dead letters are not ours to file
+                log.warning("a batch was recovered by another consumer before its ack; it is stored "
+                            "again from the queue (duplicates skipped)", extra={"batch": batch.key})
+            self._count(rows, written, dead=len(dead) if acked else 0)
 
     def _count(self, rows: Rows, written: Written, dead: int) -> None:
         c = self.counters
         stored = len(rows) - len(written.rejected)
+        duplicates = stored - written.inserted
         c.stored += written.inserted
-        c.duplicates += stored - written.inserted
+        c.duplicates += duplicates
         c.dead += dead
         c.batches += 1
         c.newest_received_at = max(c.newest_received_at, rows.newest_received_at)
+        if duplicates and log.isEnabledFor(logging.DEBUG):
+            log.debug("events skipped: their id is stored already", extra={
+                "count": duplicates, "ids_repeated_in_batch": repeated_ids(rows)[:DUPLICATE_IDS_LOGGED]})
         if dead:
             log.warning("records sent to the dead-letter list", extra={
                 "count": dead, "list": self.cfg.consumer.dead_letter,
@@ -294,13 +326,16 @@ class Consumer:
                 sys.stderr.write("\n")
                 sys.stderr.flush()
 
-    def _lag(self) -> float | None:
+    def _lag(self, depth: int | None) -> float | None:
+        """Seconds behind the newest stored event; 0 once caught up (nothing queued or in hand)."""
+        if depth == 0 and not self.holding:
+            return 0.0
         newest = self.counters.newest_received_at
         return max(0.0, time.time() - newest / 1000) if newest else None
 
     def _progress(self, rate: float, depth: int | None) -> None:
         c = self.counters
-        lag = self._lag()
+        lag = self._lag(depth)
         if self.live:
             line = (f"{rate:>10,.0f} events/s  queue {'?' if depth is None else f'{depth:,}'}  "
                     f"lag {'-' if lag is None else f'{lag:.1f}s'}  stored {c.stored:,}  "
@@ -327,11 +362,12 @@ class Consumer:
     async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any,
                      give_up: asyncio.Event | None = None) -> T:
         """Call fn until it succeeds; back off on transport and sink errors. Raises Abandoned
-        once `give_up` is set (by default `abandon`: the batches in hand have had their time)."""
+        once `give_up` is set (by default `abandon`: the batches in hand have had their time),
+        cancelling a call still under way."""
         give_up = self.abandon if give_up is None else give_up
         while True:
             try:
-                result = await fn(*args)
+                result = await self._attempt(what, fn, args, give_up)
             except RETRYABLE as exc:
                 self._failed(what, exc)
                 if give_up.is_set():
@@ -340,6 +376,31 @@ class Consumer:
                 continue
             self._recovered(what)
             return result
+
+    @staticmethod
+    async def _attempt(what: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                       give_up: asyncio.Event) -> T:
+        """One call of fn, raced against `give_up`: a call that hangs (a sink waiting on a lock
+        held elsewhere) must not outlive a stop. Given up already: one last try of LAST_TRY s."""
+        call = asyncio.ensure_future(fn(*args))
+        signalled = asyncio.ensure_future(give_up.wait())
+        try:
+            if give_up.is_set():
+                await asyncio.wait([call], timeout=LAST_TRY)
+            else:
+                await asyncio.wait([call, signalled], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # we are cancelled (the pipeline stops): so is the call
+            call.cancel()
+            raise
+        finally:
+            signalled.cancel()
+        if call.done():
+            return call.result()
+        call.cancel()
+        await asyncio.wait([call], timeout=CANCEL_WAIT)  # its clean-up, within bounds
+        if call.done() and not call.cancelled():
+            call.exception()  # retrieved: it ended with an error while cancelled, as expected
+        raise Abandoned(what)
 
     def _backoff(self, what: str) -> float:
         return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(self.failures.get(what, 1) - 1, 10))
@@ -362,6 +423,35 @@ class Consumer:
             await asyncio.wait_for(event.wait(), seconds)
         except TimeoutError:
             pass
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them to end. redis-py can swallow a cancellation (one came
+    during a pop, the pop returned a batch and the fetch went on to wait on a full queue for
+    ever): a task still running after CANCEL_WAIT is cancelled again."""
+    pending = set(tasks)
+    for _ in range(CANCEL_ROUNDS):
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+        if not pending:
+            break
+    else:
+        log.warning("tasks still running after being cancelled", extra={"tasks": len(pending)})
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: run() looked at the ones that matter
+
+
+def repeated_ids(rows: Rows) -> list[str]:
+    """Ids that come more than once in one batch: a client reusing an id for another event."""
+    seen: set[str] = set()
+    repeated: dict[str, None] = {}
+    for ident in rows.columns[0::WIDTH]:
+        if ident in seen:
+            repeated[ident] = None
+        seen.add(ident)
+    return list(repeated)
 
 
 def brief(exc: BaseException) -> str:
@@ -395,6 +485,10 @@ def consumer_id(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a TERM during start-up is a stop like any other (exit 0), not a kill. The
+    # handler only records it; Consumer.run acts on it once the event loop runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, record_early_signal)
     args = parser().parse_args(argv)
     overrides = {"consumer.sink": args.sink, "consumer.batch": args.batch,
                  "consumer.concurrency": args.concurrency, "redis.url": args.redis, "consumer.name": args.name}
@@ -406,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     ident = consumer_id(cfg.consumer.name)
     logsetup.setup(cfg.log.level, cfg.log.format)
     logsetup.set_role("consumer", consumer=ident)
-    sink = open_sink(cfg.consumer.sink, cfg.consumer.table, cfg.consumer.concurrency)
+    sink = open_sink(cfg.consumer.sink, cfg.consumer.table, cfg.consumer.concurrency,
+                     stall=cfg.consumer.lease * STALL_SHARE)
     # The sink's writer thread runs with the GIL released while SQLite inserts a batch,
     # then needs it back: a short switch interval keeps it from waiting 5 ms on the
     # decoding thread each time.

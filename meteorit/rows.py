@@ -2,9 +2,17 @@
 records that cannot be stored, each with its reason, as dead letters.
 
 Owns: what the consumer accepts from the queue (a JSON object with a non-empty string
-`id` and `type`, an integer `received_at` in ms, and `ts` absent, a number or a string:
-the queue record meteorit.events builds) and the dead-letter entry layout. Must not
-touch: Redis or the sinks.
+`id` of at most 128 characters and `type` of at most 256, a 64-bit integer `received_at`
+in ms, and `ts` absent, a number or a string: the queue record meteorit.events builds,
+with the HTTP API's own limits) and the dead-letter entry layout. Must not touch: Redis
+or the sinks.
+
+An integer `ts` outside 64 bits (the API takes any integer) is stored as NULL: no
+database column takes it as a number, it is no time at all (2^63 ms is 292 million
+years), and the event, accepted with a 202, must still reach the table; the `event`
+column keeps the client's value verbatim. A `received_at` outside 64 bits was not set by
+meteorit and goes to the dead letters. The length limits keep every id and type far
+below PostgreSQL's largest index entry (2704 bytes), so no record can block a batch.
 
 The stored event is the record's own bytes: decoding only reads the columns out of it,
 nothing is serialised again. Columns come out flat, five per record in table order
@@ -24,9 +32,12 @@ from typing import Any
 
 import orjson
 
+from .events import MAX_ID_LENGTH, MAX_TYPE_LENGTH
+
 COLUMNS = ("id", "type", "ts", "received_at", "event")
 WIDTH = len(COLUMNS)
 _TS_TYPES = (int, float, str)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # SQLite INTEGER, PostgreSQL bigint
 
 
 @dataclass
@@ -60,8 +71,11 @@ def decode(records: list[bytes]) -> Rows:
             rows.dead.append((record, rejection(record)))
             continue
         # the common case in one test; rejection() says why when it fails
-        if (type(ident) is str and ident and type(kind) is str and kind and type(received_at) is int
-                and (ts is None or type(ts) in _TS_TYPES)):
+        if (type(ident) is str and 0 < len(ident) <= MAX_ID_LENGTH and type(kind) is str
+                and 0 < len(kind) <= MAX_TYPE_LENGTH and type(received_at) is int
+                and INT64_MIN <= received_at <= INT64_MAX and (ts is None or type(ts) in _TS_TYPES)):
+            if type(ts) is int and not INT64_MIN <= ts <= INT64_MAX:
+                ts = None  # see the module docstring: stored, with NULL for ts
             columns += (ident, kind, ts, received_at, record.decode())
             good.append(record)
             if received_at > newest:
@@ -80,12 +94,17 @@ def rejection(record: bytes) -> str:
         return f"not valid JSON: {exc}"
     if type(event) is not dict:
         return f"not a JSON object but {type(event).__name__}"
-    for name in ("id", "type"):
+    for name, longest in (("id", MAX_ID_LENGTH), ("type", MAX_TYPE_LENGTH)):
         value = event.get(name)
         if type(value) is not str or not value:
             return f"\"{name}\" must be a non-empty string, got {orjson.dumps(value).decode()[:64]}"
-    if type(event.get("received_at")) is not int:
+        if len(value) > longest:
+            return f"\"{name}\" is longer than {longest} characters ({len(value)})"
+    received_at = event.get("received_at")
+    if type(received_at) is not int:
         return "\"received_at\" must be an integer (ms)"
+    if not INT64_MIN <= received_at <= INT64_MAX:
+        return "\"received_at\" is out of the 64-bit range"
     if "ts" in event and event["ts"] is not None and type(event["ts"]) not in _TS_TYPES:
         return "\"ts\" must be a number or a string"
     return "not storable"

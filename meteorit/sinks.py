@@ -7,20 +7,29 @@ and received_at) and how each database gets a batch in bulk. Must not touch: Red
         WAL, synchronous=NORMAL, one transaction per batch, INSERT OR IGNORE on id.
         Rows go in multi-row INSERTs run on a writer thread: one sqlite3_step inserts
         thousands of rows with the GIL released, so decoding the next batch overlaps it.
-        Checkpoints run on a thread and connection of their own (PASSIVE: they never
-        block the writer) instead of inside the writer's commits. `timeout` is how long a
-        writer waits for another process's write lock (default 5 s).
+        Checkpoints run on a thread and connection of their own, every CHECKPOINT_BYTES
+        of records (PASSIVE: they never block the writer) instead of inside the writer's
+        commits. But a checkpoint beside a writer that never pauses never catches up with
+        it, and the WAL only starts again from its beginning once it is wholly
+        checkpointed (a 1M drain left a 399 MB WAL): so once a checkpoint finds
+        WAL_REWIND_BYTES in the WAL (or REWIND_RECORD_BYTES of records were stored), the
+        writer thread itself checkpoints the rest between two batches (little: the other
+        thread did the bulk), and the next batch rewinds the WAL, which stays near 50 MB;
+        journal_size_limit trims a file grown larger.
+        `timeout` is how long a writer waits for another process's write lock (default 5 s).
     postgresql://user@host:port/db  (or postgres://)
-        asyncpg, binary COPY, `consumer.concurrency` connections committing in parallel.
-        A batch is COPied straight into the table in one transaction; if an id is there
-        already (a redelivered batch), it goes the other way: COPY into a temporary
-        staging table, then INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING.
+        meteorit.pgsink: asyncpg, binary COPY, `consumer.concurrency` connections.
     ndjson:PATH  ndjson:-
         one record per line, appended (fsync per batch) or to stdout; redelivered
-        batches are written again (at-least-once: dedupe by id when reading).
+        batches are written again (at-least-once: dedupe by id when reading). A batch
+        that fails half written is cut off the file before the retry, so no torn line
+        and no half batch twice (one consumer per file). A closed stdout (the reader of
+        `| head` is gone) is SinkFailed: nothing can ever be written there again.
 
-Errors: `SinkUnavailable` (retry later, nothing was stored) or, from `write`, rows the
-database refuses as data (returned as rejected, for the dead-letter list).
+Errors: `SinkUnavailable` (retry later, nothing was stored), `SinkFailed` (stop: the
+sink is gone for good) or, from `write`, rows the database refuses as data (a number
+out of range, a string too long for an index...): the batch is then stored row by row,
+and the refused rows are returned as rejected, for the dead-letter list.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import os
 import re
 import sqlite3
 import sys
-import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,13 +55,25 @@ log = logging.getLogger("meteorit.sinks")
 
 SQLITE_TIMEOUT = 5.0
 MAX_ROWS_PER_INSERT = 8192  # a power of two; statement sizes are powers of two up to it
-CHECKPOINT_EVERY = 1.0  # seconds between PASSIVE checkpoints while batches keep coming
-PG_STAGING = "meteorit_staging"
+CHECKPOINT_BYTES = 4 << 20  # of records stored between PASSIVE checkpoints on their own thread
+# The WAL starts again from its beginning once the last checkpoint found this much in it,
+# or this much of records was stored since (the checkpoints may lag behind the writer)
+WAL_REWIND_BYTES = 40 << 20
+REWIND_RECORD_BYTES = 20 << 20
+WAL_SIZE_LIMIT = 64 << 20  # journal_size_limit: the WAL file is cut to this when it rewinds
+REWIND_WAIT_MS = 100  # for other connections' transactions to end before a rewind; else later
+# Errors that mean "this row's data", not "the database": the batch goes in row by row.
+SQLITE_ROW_ERRORS = (OverflowError, ValueError, sqlite3.DataError)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+REASON_CHARS = 300  # of a database's message in a dead letter's reason
 
 
 class SinkUnavailable(MeteoritError):
     """The sink cannot take a batch now (down, locked, full); nothing of it was stored."""
+
+
+class SinkFailed(MeteoritError):
+    """The sink can never take anything again (stdout closed): the consumer must stop."""
 
 
 @dataclass
@@ -117,13 +138,20 @@ def check_table(name: str) -> str:
     return name
 
 
-def open_sink(url: str, table: str, writers: int) -> Sink:
+def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
+    """`stall`: seconds a database statement may take before it counts as stuck."""
     spec = parse_sink_url(url)
     if spec.kind == "sqlite":
         return SqliteSink(spec.target, table, spec.timeout)
     if spec.kind == "postgresql":
-        return PostgresSink(spec.target, table, writers)
+        from .pgsink import PostgresSink  # pgsink imports this module: here, not at the top
+        return PostgresSink(spec.target, table, writers, stall)
     return NdjsonSink(spec.target)
+
+
+def refused(database: str, exc: BaseException) -> str:
+    text = f"{database} refused it: {type(exc).__name__}: {exc}"
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "..."
 
 
 # --- SQLite
@@ -159,8 +187,11 @@ class SqliteSink:
         self.checkpoint_db: sqlite3.Connection | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
-        self._checkpoint: asyncio.Future[None] | None = None
-        self._last_checkpoint = time.monotonic()
+        self._checkpoint: asyncio.Future[int] | None = None
+        self._since_checkpoint = 0  # bytes of records committed since the last checkpoint began
+        self._wal_bytes = 0  # in the WAL since it last started again, as the last checkpoint saw
+        self._since_rewind = 0  # bytes of records committed since the WAL last started again
+        self._page_size = 4096
         self._largest = MAX_ROWS_PER_INSERT
         self._statements: dict[int, str] = {}
 
@@ -168,9 +199,20 @@ class SqliteSink:
         await self._run(self._writer, self._open)
 
     async def write(self, rows: Rows) -> Written:
-        inserted = await self._run(self._writer, self._write, rows.columns)
-        self._maybe_checkpoint()
-        return Written(inserted, [])
+        try:
+            written: Written = await self._run(self._writer, self._write, rows)
+        except asyncio.CancelledError:  # given up on (a stop): do not let it hold the thread
+            if self.db is not None:
+                self.db.interrupt()
+            raise
+        size = sum(map(len, rows.records))
+        self._since_checkpoint += size
+        self._since_rewind += size
+        if self._wal_bytes >= WAL_REWIND_BYTES or self._since_rewind >= REWIND_RECORD_BYTES:
+            await self._rewind()
+        elif self._since_checkpoint >= CHECKPOINT_BYTES and self._checkpoint is None:
+            self._start_checkpoint()
+        return written
 
     async def close(self) -> None:
         if self._checkpoint is not None:
@@ -191,7 +233,9 @@ class SqliteSink:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         db.executescript(sqlite_schema(self.table))
+        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // WIDTH
         self._largest = min(MAX_ROWS_PER_INSERT, 1 << (limit.bit_length() - 1))
         self.db = db
@@ -206,24 +250,59 @@ class SqliteSink:
             self._statements[rows] = sql
         return sql
 
-    def _write(self, columns: list[Any]) -> int:
+    def _write(self, rows: Rows) -> Written:
         self._open()
+        try:
+            return Written(self._transaction(self._insert_all, rows), [])
+        except SQLITE_ROW_ERRORS:  # some row's data: find which, store the others
+            rejected: list[tuple[bytes, str]] = []
+            return Written(self._transaction(self._insert_one_by_one, rows, rejected), rejected)
+
+    def _transaction(self, insert: Callable[..., None], *args: Any) -> int:
+        """Run insert(db, *args) in one write transaction; the rows it added."""
         db = self.db
         assert db is not None
-        before = db.total_changes
         db.execute("BEGIN IMMEDIATE")
         try:
-            offset = 0
-            for rows in _power_of_two_runs(len(columns) // WIDTH, self._largest):
-                end = offset + rows * WIDTH
-                db.execute(self._insert_sql(rows), columns[offset:end])  # statements are cached
-                offset = end
+            before = db.total_changes
+            insert(db, *args)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return db.total_changes - before
+
+    def _insert_all(self, db: sqlite3.Connection, rows: Rows) -> None:
+        columns = rows.columns
+        offset = 0
+        for count in _power_of_two_runs(len(columns) // WIDTH, self._largest):
+            end = offset + count * WIDTH
+            db.execute(self._insert_sql(count), columns[offset:end])  # statements are cached
+            offset = end
+
+    def _insert_one_by_one(self, db: sqlite3.Connection, rows: Rows, rejected: list[tuple[bytes, str]]) -> None:
+        sql = self._insert_sql(1)
+        columns = rows.columns
+        for i, record in enumerate(rows.records):
+            try:
+                db.execute(sql, columns[i * WIDTH:(i + 1) * WIDTH])
+            except SQLITE_ROW_ERRORS as exc:  # the statement failed alone; the transaction goes on
+                rejected.append((record, refused("sqlite", exc)))
+
+    def _checkpoint_rest(self) -> bool:
+        """Checkpoint what the checkpoint thread left, between two batches; True when the
+        next transaction will start the WAL again. RESTART holds off other writers (a second
+        consumer) until then, but waits only REWIND_WAIT_MS for their transactions and for
+        readers of old snapshots to end: a long query elsewhere must not stall the drain."""
+        db = self.db
+        assert db is not None
+        db.execute(f"PRAGMA busy_timeout={REWIND_WAIT_MS}")
+        try:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            db.execute(f"PRAGMA busy_timeout={round(self.timeout * 1000)}")
+        return not busy
 
     def _close(self) -> None:
         if self.db is not None:
@@ -239,23 +318,48 @@ class SqliteSink:
 
     # checkpoints
 
-    def _maybe_checkpoint(self) -> None:
-        now = time.monotonic()
-        if self._checkpoint is not None or now - self._last_checkpoint < CHECKPOINT_EVERY:
-            return
-        self._last_checkpoint = now
+    async def _rewind(self) -> None:
+        """Let the next batch start the WAL again from its beginning. Only the writer's own
+        thread can checkpoint the WAL wholly (no batch is being written meanwhile), and
+        that costs little: the checkpoint thread has done all but its last few batches (it
+        takes no new work from here on; still at it, it is waited for one batch later).
+        The batch is committed already: a failure here only means another try later."""
+        if self._checkpoint is not None:
+            if self._since_rewind < REWIND_RECORD_BYTES + CHECKPOINT_BYTES:
+                return
+            await asyncio.wait([self._checkpoint])
+        try:
+            rewound = await self._run(self._writer, self._checkpoint_rest)
+        except SinkUnavailable as exc:
+            log.warning("checkpoint failed", extra={"error": str(exc)})
+            rewound = False
+        self._wal_bytes = 0
+        if rewound:
+            self._since_rewind = self._since_checkpoint = 0
+        else:  # busy elsewhere: more checkpoints on their thread meanwhile, another try later
+            self._since_rewind = REWIND_RECORD_BYTES // 2
+
+    def _start_checkpoint(self) -> None:
+        self._since_checkpoint = 0
         future = asyncio.get_running_loop().run_in_executor(self._checkpointer, self._checkpoint_now)
         self._checkpoint = future
         future.add_done_callback(self._checkpoint_done)
 
-    def _checkpoint_now(self) -> None:
-        if self.checkpoint_db is not None:
-            self.checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def _checkpoint_now(self) -> int:
+        """PASSIVE checkpoint; the frames in the WAL (since it last started again)."""
+        if self.checkpoint_db is None:
+            return 0
+        _, frames, _ = self.checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return max(0, int(frames))  # -1 when the database is not in WAL mode
 
-    def _checkpoint_done(self, future: asyncio.Future[None]) -> None:
+    def _checkpoint_done(self, future: asyncio.Future[int]) -> None:
         self._checkpoint = None
-        if not future.cancelled() and future.exception() is not None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
             log.warning("checkpoint failed", extra={"error": str(future.exception())})
+        else:
+            self._wal_bytes = future.result() * self._page_size
 
     @staticmethod
     async def _run(executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
@@ -263,110 +367,6 @@ class SqliteSink:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except sqlite3.Error as exc:  # locked, disk full, I/O error, read-only...
             raise SinkUnavailable(f"sqlite: {exc}") from exc
-
-
-# --- PostgreSQL
-
-
-def pg_tuples(columns: list[Any]) -> list[tuple[Any, ...]]:
-    """Flat columns as row tuples for COPY; `ts` goes in a text column, so numbers become text."""
-    rows = list(zip(*[iter(columns)] * WIDTH))
-    if any(ts is not None and type(ts) is not str for ts in columns[2::WIDTH]):
-        rows = [(i, t, ts if ts is None or type(ts) is str else orjson.dumps(ts).decode(), r, e)
-                for i, t, ts, r, e in rows]
-    return rows
-
-
-class PostgresSink:
-    kind = "postgresql"
-    to_stdout = False
-
-    def __init__(self, dsn: str, table: str, writers: int) -> None:
-        self.dsn = dsn
-        self.table = check_table(table)
-        self.writers = writers
-        self.pool: Any = None
-        self.insert = f"INSERT INTO {self.table} SELECT * FROM {PG_STAGING} ON CONFLICT (id) DO NOTHING"
-
-    def schema(self) -> str:
-        # COLLATE "C": ids and types are compared as bytes, not by the locale (faster indexes).
-        # `event` is json, the record's exact text: storing it costs a syntax check where
-        # jsonb would rebuild it (1M events: 6.9 s against 11.3 s here); cast to jsonb to query.
-        t = self.table
-        return (f'CREATE TABLE IF NOT EXISTS {t} (id text COLLATE "C" PRIMARY KEY, '
-                f'type text COLLATE "C" NOT NULL, ts text, received_at bigint NOT NULL, event json NOT NULL);'
-                f"CREATE INDEX IF NOT EXISTS {t}_type ON {t} (type);"
-                f"CREATE INDEX IF NOT EXISTS {t}_received_at ON {t} (received_at);")
-
-    async def open(self) -> None:
-        if self.pool is not None:
-            return
-        import asyncpg  # only the PostgreSQL sink needs it (pip install meteorit[postgresql])
-        try:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                async with conn.transaction():
-                    # two consumers starting at once must not both create the table
-                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"meteorit:{self.table}")
-                    await conn.execute(self.schema())
-            finally:
-                await conn.close()
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.writers, init=self._staging)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise SinkUnavailable(f"postgresql: {exc}") from exc
-        log.info("postgresql sink open", extra={"table": self.table, "writers": self.writers})
-
-    @staticmethod
-    async def _staging(conn: Any) -> None:
-        await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {PG_STAGING} (id text, type text, ts text, "
-                           f"received_at bigint, event json) ON COMMIT DELETE ROWS")
-
-    async def write(self, rows: Rows) -> Written:
-        import asyncpg
-        await self.open()
-        tuples = pg_tuples(rows.columns)
-        try:
-            async with self.pool.acquire() as conn:
-                try:
-                    return Written(await self._copy(conn, tuples), [])
-                except asyncpg.DataError:
-                    return await self._write_one_by_one(conn, tuples, rows.records)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise SinkUnavailable(f"postgresql: {exc}") from exc
-
-    async def _copy(self, conn: Any, tuples: list[tuple[Any, ...]]) -> int:
-        """Rows stored. COPY straight into the table first: a batch seen for the first time
-        has no id in the table, and that path costs half of staging + INSERT. A redelivered
-        batch fails it on the primary key and takes the staging path, which skips what is
-        there already (COPY into a staging table, INSERT ... ON CONFLICT DO NOTHING)."""
-        import asyncpg
-        try:
-            async with conn.transaction():
-                await conn.copy_records_to_table(self.table, records=tuples)
-            return len(tuples)
-        except asyncpg.UniqueViolationError:
-            pass
-        async with conn.transaction():
-            await conn.copy_records_to_table(PG_STAGING, records=tuples)
-            status = await conn.execute(self.insert)
-        return int(status.rsplit(" ", 1)[1])
-
-    async def _write_one_by_one(self, conn: Any, tuples: list[tuple[Any, ...]], records: list[bytes]) -> Written:
-        """A row PostgreSQL refuses as data (a NUL in a text column) must not hold up the batch."""
-        import asyncpg
-        inserted = 0
-        rejected = []
-        for row, record in zip(tuples, records):
-            try:
-                inserted += await self._copy(conn, [row])
-            except asyncpg.DataError as exc:
-                rejected.append((record, f"postgresql refused it: {exc}"))
-        return Written(inserted, rejected)
-
-    async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
 
 
 # --- NDJSON
@@ -379,33 +379,65 @@ class NdjsonSink:
     def __init__(self, target: str) -> None:
         self.target = target
         self.to_stdout = target == "-"
-        self._file: Any = None
+        self._fd: int | None = None  # the file's (not stdout's)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ndjson-writer")
 
     async def open(self) -> None:
         await self._run(self._open)
 
     def _open(self) -> None:
-        if self._file is None:
-            self._file = sys.stdout.buffer if self.to_stdout else open(self.target, "ab")
+        if self._fd is None and not self.to_stdout:
+            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     async def write(self, rows: Rows) -> Written:
         await self._run(self._write, rows.records)
         return Written(len(rows.records), [])
 
     def _write(self, records: list[bytes]) -> None:
-        self._open()
         data = b"\x00".join(records)
         if b"\n" in data or b"\r" in data:  # one record per line: compact what is spread out
             data = b"\x00".join(orjson_compact(r) for r in records)
-        self._file.write(data.replace(b"\x00", b"\n") + b"\n")
-        self._file.flush()
-        if not self.to_stdout:
-            os.fsync(self._file.fileno())
+        data = data.replace(b"\x00", b"\n") + b"\n"
+        if self.to_stdout:
+            self._write_stdout(data)
+        else:
+            self._open()
+            assert self._fd is not None
+            self._append(self._fd, data)
+
+    @staticmethod
+    def _write_stdout(data: bytes) -> None:
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # The reader is gone for good. What is still buffered goes nowhere at exit,
+            # instead of failing once more on the way out.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SinkFailed("ndjson: stdout is closed (its reader went away)") from None
+
+    @staticmethod
+    def _append(fd: int, data: bytes) -> None:
+        """The whole batch, or nothing: a failed write (disk full) is cut off the file,
+        so the retry leaves no torn line and no part of the batch twice."""
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                log.error("cannot cut a half-written batch off the NDJSON file",
+                          extra={"error": str(exc), "size": size})
+            raise
 
     async def close(self) -> None:
-        if self._file is not None and not self.to_stdout:
-            await self._run(self._file.close)
+        if self._fd is not None:
+            await self._run(os.close, self._fd)
+            self._fd = None
         self._thread.shutdown()
 
     async def _run(self, fn: Any, *args: Any) -> Any:

@@ -1,7 +1,8 @@
 """A throw-away PostgreSQL server for tests and bin/meteorit-consumer-bench: initdb in a
 temporary directory, started on a free port with its socket in that directory, stopped
 and removed at the end. Run as the `postgres` user when we are root (initdb refuses
-root). Stdlib only, no pytest: the bench imports it too."""
+root). `hold()` keeps a transaction (and the locks it took) open in a psql session of
+its own, as another application would. Stdlib only, no pytest: the bench imports it too."""
 
 from __future__ import annotations
 
@@ -96,9 +97,55 @@ class PostgresServer:
         except (OSError, ValueError):
             pass
 
+    def hold(self, *statements: str) -> Holder:
+        """A psql session that runs `statements` in a transaction left open (a lock taken
+        and held, as another application would), until the Holder is released."""
+        return Holder([*self._as, f"{self.bin_dir}/psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(self.port),
+                       "-U", self.user, "-d", "postgres", "-v", "ON_ERROR_STOP=1"], statements)
+
     def psql(self, sql: str) -> str:
         """One query through psql; the unaligned, tuples-only output."""
         out = subprocess.run([f"{self.bin_dir}/psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(self.port),
                               "-U", self.user, "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
                              check=True, capture_output=True, text=True, timeout=60)
         return out.stdout.strip()
+
+
+class Holder:
+    """A psql process holding a transaction open; its reply to a marker query says the
+    statements before it are done (the lock is held). release() rolls back and waits."""
+
+    MARKER = "meteorit-holder-ready"
+
+    def __init__(self, argv: list[str], statements: tuple[str, ...]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("BEGIN;\n" + "".join(f"{sql};\n" for sql in statements) +
+                              f"SELECT '{self.MARKER}';\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:  # psql answers each query in turn; the marker comes last
+            if line.strip() == self.MARKER:
+                return
+        _, err = self.proc.communicate(timeout=START_TIMEOUT)
+        raise RuntimeError(f"psql could not take the lock: {err.strip()}")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write("ROLLBACK;\n")
+                self.proc.stdin.close()
+                self.proc.wait(START_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

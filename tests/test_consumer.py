@@ -5,8 +5,11 @@ SCRIPT FLUSH for real. Every assertion is what a user sees: rows, lists, exit co
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import random
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -20,12 +23,14 @@ import pytest
 import redis as redislib
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import RedisServer, kill_group, toml_value, wait_until
+from conftest import Meteorit, RedisServer, kill_group, toml_value, wait_until
 from pg_server import PostgresServer, pg_bin_dir
 
 from meteorit import rows as rowslib
 from meteorit.batches import BatchQueue
 from meteorit.events import IdGenerator, records
+from meteorit.pgsink import PostgresSink
+from meteorit.sinks import SqliteSink, Written
 
 CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
 QUEUE = "meteorit:events"
@@ -63,22 +68,27 @@ def in_flight_keys(client: redislib.Redis) -> list[bytes]:
 class Consumer:
     """A meteorit-consumer process in its own session; JSON logs to a file."""
 
-    def __init__(self, tmp: Path, name: str, redis_url: str, sink: str, **consumer: Any) -> None:
+    def __init__(self, tmp: Path, name: str, redis_url: str, sink: str, log_level: str = "info",
+                 **consumer: Any) -> None:
         self.dir = tmp
         self.name = name
         self.config = tmp / f"{name}.toml"
         settings = {"sink": sink, "lease": 1.0, "name": name, "stats_interval": 0.2, **consumer}
         self.config.write_text(
             f"[redis]\nurl = {toml_value(redis_url)}\nqueue = {toml_value(QUEUE)}\n"
+            f"[log]\nlevel = {toml_value(log_level)}\n"
             "[consumer]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
         self.log_path = tmp / f"{name}.log"
         self.out_path = tmp / f"{name}.out"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str) -> Consumer:
+    def start(self, *args: str, stdout: int | None = None, limits: Callable[[], None] | None = None) -> Consumer:
+        """`stdout`: subprocess.PIPE for a pipe of our own (else a file); `limits` runs in the
+        child before exec (resource limits)."""
         with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
-            self.proc = subprocess.Popen([*CONSUMER, "-c", str(self.config), *args], stdout=out, stderr=err,
-                                         start_new_session=True, cwd=self.dir)
+            self.proc = subprocess.Popen([*CONSUMER, "-c", str(self.config), *args],
+                                         stdout=out if stdout is None else stdout, stderr=err,
+                                         start_new_session=True, cwd=self.dir, preexec_fn=limits)
         return self
 
     def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
@@ -392,6 +402,247 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert out.returncode == 1 and "timeout must be a number" in out.stderr
 
 
+# --- records no database column takes, sinks that hang or go away, and what the counters say
+
+RECEIVED = 1_795_000_000_000
+
+
+def crafted(ident: str, **fields: Any) -> bytes:
+    """A queue record with fields set by hand (orjson writes integers up to 2**64 - 1)."""
+    return orjson.dumps({"id": ident, "type": "t", "received_at": RECEIVED, **fields})
+
+
+def dead_reasons(client: redislib.Redis) -> dict[str, str]:
+    """id (or the record, when it has none) -> reason, of every dead letter."""
+    found = {}
+    for raw in client.lrange(DEAD, 0, -1):
+        entry = json.loads(raw)
+        found[str(json.loads(entry["record"]).get("id"))] = entry["reason"]
+    return found
+
+
+def test_a_ts_beyond_64_bits_sent_to_the_api_is_stored_with_a_null_ts_and_blocks_nothing(
+        meteorit: Meteorit, consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    """The HTTP API takes any integer ts; no database column takes one beyond 64 bits (SQLite
+    raised OverflowError on every start). The event is stored, ts NULL, the event as sent."""
+    assert meteorit.post([{"type": "huge", "ts": 2**63}, {"type": "huge", "ts": 2**64 - 1},
+                          {"type": "lowest", "ts": -2**63}]) == (202, {"accepted": 3})
+    recs = make_records(100)
+    odd = [crafted("late", received_at=2**63), crafted("i" * 129), crafted("long-type", type="t" * 257)]
+    fill(redis, recs[:50] + odd + recs[50:])
+    c = consumers("sqlite:///events.db", batch=40)
+    assert c.run_once() == 0
+    by_type: dict[str, list[tuple[Any, ...]]] = {}
+    for row in sqlite_rows(tmp_path / "events.db"):
+        by_type.setdefault(row[1], []).append(row)
+    assert sorted(json.loads(r[4])["ts"] for r in by_type["huge"]) == [2**63, 2**64 - 1]  # the event as sent
+    assert [r[2] for r in by_type["huge"]] == [None, None]
+    assert [r[2] for r in by_type["lowest"]] == [-2**63]
+    assert sum(len(v) for v in by_type.values()) == 103
+    reasons = dead_reasons(redis)
+    assert set(reasons) == {"late", "i" * 129, "long-type"}
+    assert "\"received_at\" is out of the 64-bit range" in reasons["late"]
+    assert "\"id\" is longer than 128 characters" in reasons["i" * 129]
+    assert "\"type\" is longer than 256 characters" in reasons["long-type"]
+    assert "stored 103 events" in c.stdout() and "3 dead letters" in c.stdout()
+    assert_nothing_in_flight(redis)
+
+
+def refusable_rows() -> tuple[rowslib.Rows, bytes, bytes]:
+    """Rows as the decoder would hand them over if it let through what databases refuse:
+    a received_at beyond 64 bits, and an id too large for a PostgreSQL index entry
+    (random text: PostgreSQL would compress a repetitive one below the limit)."""
+    rows = rowslib.decode(make_records(10))
+    late = crafted("late", received_at=2**63)
+    wide_id = base64.b64encode(random.Random(7).randbytes(3000)).decode()
+    wide = crafted(wide_id)
+    for record, values in ((late, ("late", "t", None, 2**63)), (wide, (wide_id, "t", None, RECEIVED))):
+        rows.columns += (*values, record.decode())
+        rows.records.append(record)
+    return rows, late, wide
+
+
+def test_sqlite_sink_stores_a_batch_row_by_row_when_some_row_is_refused(tmp_path: Path) -> None:
+    rows, late, _ = refusable_rows()
+    sink = SqliteSink(str(tmp_path / "events.db"), "events")
+
+    async def write() -> Written:
+        await sink.open()
+        try:
+            return await sink.write(rows)
+        finally:
+            await sink.close()
+
+    written = asyncio.run(write())
+    assert written.inserted == 11  # SQLite has no limit on an index entry: the wide id is stored
+    assert [record for record, _ in written.rejected] == [late]
+    assert "sqlite refused it: OverflowError" in written.rejected[0][1]
+    assert sqlite_count(tmp_path / "events.db") == 11
+
+
+def test_sqlite_wal_stays_bounded_during_a_long_drain(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    """A PASSIVE checkpoint beside a writer that never pauses never catches up: the WAL grew
+    by about twice the records' size (a 1M drain left 399 MB). Now it rewinds every 20 MB
+    of records (or 40 MB of WAL) and stays under 50 MB however long the drain."""
+    recs = make_records(250_000)  # 52 MB of records: the WAL grew to 90 MB
+    fill(redis, recs)
+    wal = tmp_path / "events.db-wal"
+    c = consumers("sqlite:///events.db", batch=2000).start()
+    largest = 0
+
+    def drained() -> bool:
+        nonlocal largest
+        if wal.exists():
+            largest = max(largest, wal.stat().st_size)
+        return not redis.llen(QUEUE) and not in_flight_keys(redis)
+
+    wait_until(drained, 60, "the queue drained")
+    largest = max(largest, wal.stat().st_size)  # the file only shrinks when the WAL rewinds
+    assert sqlite_count(tmp_path / "events.db") == len(recs)
+    assert 0 < largest < 64 * 2**20, f"the WAL grew to {largest / 2**20:.0f} MB"
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+
+
+def test_term_during_start_up_is_a_stop_not_a_kill(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The config is a FIFO: the consumer is held in main(), reading it, when TERM comes."""
+    fifo = tmp_path / "consumer.toml"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*CONSUMER, "-c", str(fifo), "--once"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        def open_for_writing() -> int | None:  # succeeds once the consumer opens it to read
+            try:
+                return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                return None
+
+        fd = wait_until(open_for_writing, 20, "the consumer to open its config")
+        proc.send_signal(signal.SIGTERM)
+        os.write(fd, f'[redis]\nurl = "{redis_server.url}"\n[consumer]\nsink = "sqlite:///events.db"\n'.encode())
+        os.close(fd)
+        out, err = proc.communicate(timeout=EXIT_TIMEOUT)
+        assert proc.returncode == 0, err
+        assert b"stored 0 events" in out
+    finally:
+        kill_group(proc)
+
+
+def test_ndjson_stdout_closed_by_its_reader_stops_the_consumer_with_exit_1(
+        consumers: Callable[..., Consumer], redis: redislib.Redis) -> None:
+    """`meteorit-consumer --sink ndjson:- | head -1`: once head is gone nothing can ever be
+    written there; retrying forever would hold the batch and the queue."""
+    fill(redis, make_records(20_000))  # 4 MB: more than a pipe holds
+    c = consumers("ndjson:-", batch=500).start(stdout=subprocess.PIPE)
+    assert c.proc is not None and c.proc.stdout is not None
+    assert json.loads(c.proc.stdout.readline())["id"]
+    c.proc.stdout.close()
+    assert c.wait() == 1
+    assert "stdout is closed" in c.logs("the sink can take nothing more; stopping")[0]["error"]
+    assert in_flight_keys(redis) == [] and redis.llen(QUEUE) > 0  # what it held went back
+
+
+def ndjson_lines(path: Path) -> list[str]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "a torn last line"
+    return [json.loads(line)["id"] for line in data.splitlines()]
+
+
+def small_files() -> None:
+    """In the consumer's child: files it writes stop at 300 kB (write fails with EFBIG)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_ndjson_file_full_mid_batch_leaves_no_torn_line_and_no_half_batch_twice(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    recs = make_records(3000)  # ~210 bytes each: the second batch of 1000 fills the file
+    fill(redis, recs)
+    out = tmp_path / "out.ndjson"
+    c = consumers("ndjson:out.ndjson", batch=1000, stats_interval=5.0).start(limits=small_files)
+    wait_until(lambda: c.logs("cannot store a batch; retrying with backoff"), 20, "the file to fill up")
+    assert "File too large" in c.logs("cannot store a batch; retrying with backoff")[0]["error"]
+    assert ndjson_lines(out) == [orjson.loads(r)["id"] for r in recs[:1000]]  # cut back to whole batches
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: c.logs("stopping: finishing the batches in hand"), 20, "the stop to begin")
+    c.proc.send_signal(signal.SIGTERM)  # the file stays full: give up on the batches in hand
+    assert c.wait() == 1
+    assert consumers("ndjson:out.ndjson", name="roomy").run_once() == 0
+    assert ndjson_lines(out) == [orjson.loads(r)["id"] for r in recs]  # each once, in order
+
+
+def test_dead_letters_of_a_batch_another_consumer_recovered_are_not_counted(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """A consumer stalled past its lease: another recovered its batch (and files its dead
+    letters). Its own late ack removes nothing, so it filed no dead letter: none counted."""
+    db = tmp_path / "events.db"
+    c = consumers("sqlite:///events.db?timeout=0.05").start()
+    wait_until(lambda: c.logs("sqlite sink open"), 20, "the sink open")
+    assert c.proc is not None
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the batch stays in hand, retried
+        fill(redis, make_records(10) + [b"poison"])
+        wait_until(lambda: c.logs("cannot store a batch; retrying with backoff"), 20, "the consumer to meet the lock")
+        os.killpg(c.proc.pid, signal.SIGSTOP)
+        wait_until(lambda: not redis.keys(f"{QUEUE}:lease:*"), 20, "its lease to expire")
+
+        async def recover_elsewhere() -> tuple[int, int]:
+            client = redislib.asyncio.Redis.from_url(redis_server.url)
+            try:
+                return await BatchQueue(client, QUEUE, DEAD, "other", lease=10).recover()
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(recover_elsewhere()) == (1, 11)
+        redis.delete(QUEUE)  # the other consumer took the batch and stored it
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        os.killpg(c.proc.pid, signal.SIGCONT)
+    wait_until(lambda: c.logs("a batch was recovered by another consumer before its ack; it is stored again "
+                              "from the queue (duplicates skipped)"), 20, "the late ack")
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+    assert redis.llen(DEAD) == 0
+    assert c.logs("consumer stopped")[0]["dead_letters"] == 0
+    assert not c.logs("records sent to the dead-letter list")
+
+
+def test_lag_reads_0_once_the_queue_is_drained(
+        consumers: Callable[..., Consumer], redis: redislib.Redis) -> None:
+    hour_ago = int(time.time() * 1000) - 3_600_000
+    fill(redis, [orjson.dumps({"id": f"old-{i}", "type": "t", "received_at": hour_ago}) for i in range(100)])
+    c = consumers("sqlite:///events.db").start()
+
+    def caught_up() -> list[dict[str, Any]]:
+        return [e for e in c.logs("progress") if e["stored"] == 100 and e["queue_depth"] == 0]
+
+    wait_until(caught_up, 20, "a progress line after the drain")
+    assert caught_up()[0]["lag_s"] == 0
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.wait() == 0
+
+
+def test_an_id_sent_twice_is_stored_once_and_logged_at_debug_with_the_id(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, tmp_path: Path) -> None:
+    body = {"type": "purchase", "card": "body-marker-4242"}
+    fill(redis, [orjson.dumps({**body, "id": "order-17", "received_at": RECEIVED}),
+                 orjson.dumps({**body, "id": "order-17", "received_at": RECEIVED + 1})])
+    c = consumers("sqlite:///events.db", log_level="debug")
+    assert c.run_once() == 0
+    assert [r[3] for r in sqlite_rows(tmp_path / "events.db")] == [RECEIVED]  # the first one
+    assert "stored 1 events in 1 batches, 1 duplicates skipped" in c.stdout()
+    skipped = c.logs("events skipped: their id is stored already")
+    assert skipped and skipped[0]["level"] == "debug" and skipped[0]["ids_repeated_in_batch"] == ["order-17"]
+    assert not [e for e in c.logs() if e["level"] != "debug" and "body-marker" in json.dumps(e)]
+
+
 # --- the Redis side alone: order of recovered batches, and the rows decoder
 
 
@@ -439,16 +690,30 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
 @settings(max_examples=300, deadline=None)
 @given(extra=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
        ident=st.text(min_size=1, max_size=40), kind=st.text(min_size=1, max_size=20),
-       received_at=st.integers(0, 2**62), ts=st.none() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=30))
+       received_at=st.integers(0, 2**62), ts=st.none() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=30))
 def test_decode_round_trips_any_valid_record(extra: dict[str, Any], ident: str, kind: str, received_at: int,
                                              ts: Any) -> None:
     event = {**extra, "id": ident, "type": kind, "received_at": received_at}
+    event.pop("ts", None)  # from `extra`: not necessarily a valid one
     if ts is not None:
         event["ts"] = ts
     record = orjson.dumps(event)
     rows = rowslib.decode([record])
     assert rows.dead == []
-    assert rows.columns == [ident, kind, ts, received_at, record.decode()]
+    stored_ts = None if type(ts) is int and ts > 2**63 - 1 else ts  # no column takes it: NULL
+    assert rows.columns == [ident, kind, stored_ts, received_at, record.decode()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(received_at=st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False),
+       ident=st.text(min_size=1, max_size=140), kind=st.text(min_size=1, max_size=270))
+def test_decode_takes_what_every_database_takes_and_says_why_not(received_at: Any, ident: str, kind: str) -> None:
+    record = orjson.dumps({"id": ident, "type": kind, "received_at": received_at})
+    rows = rowslib.decode([record])
+    storable = (type(received_at) is int and received_at <= 2**63 - 1 and len(ident) <= 128 and len(kind) <= 256)
+    assert len(rows.records) == storable and len(rows.dead) == (not storable)
+    if rows.dead:
+        assert rows.dead[0][1] == rowslib.rejection(record) != "not storable"
 
 
 @settings(max_examples=300, deadline=None)
@@ -546,3 +811,73 @@ def test_postgresql_refused_rows_become_dead_letters(
     entries = [json.loads(e) for e in redis.lrange(DEAD, 0, -1)]
     assert [e["record"] for e in entries] == [nul.decode()]
     assert "postgresql refused it" in entries[0]["reason"]
+
+
+def test_postgresql_stores_or_dead_letters_out_of_range_numbers_and_long_ids(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, pg: PostgresServer) -> None:
+    """received_at beyond 64 bits crashed the consumer on every start (asyncpg's int8 encoder
+    raised OverflowError), the queue blocked for good."""
+    recs = make_records(50)
+    odd = [crafted("huge-ts", ts=2**63), crafted("late", received_at=2**63), crafted("i" * 129)]
+    fill(redis, recs[:25] + odd + recs[25:])
+    assert consumers(pg.dsn).run_once() == 0
+    assert len(pg_ids(pg)) == 51
+    assert pg.psql("SELECT ts IS NULL, event::jsonb->>'ts' FROM events WHERE id = 'huge-ts'") == f"t|{2**63}"
+    assert set(dead_reasons(redis)) == {"late", "i" * 129}
+
+
+def test_postgresql_sink_stores_a_batch_row_by_row_when_some_row_is_refused(pg: PostgresServer) -> None:
+    """An int8 overflow (asyncpg's OverflowError) and an index entry over 2704 bytes
+    (ProgramLimitExceededError, class 54) are the rows' fault: dead letters, not retries."""
+    rows, late, wide = refusable_rows()
+    sink = PostgresSink(pg.dsn, "events", 1, stall=10.0)
+
+    async def write() -> Written:
+        await sink.open()
+        try:
+            return await sink.write(rows)
+        finally:
+            await sink.close()
+
+    written = asyncio.run(write())
+    assert written.inserted == 10
+    reasons = dict(written.rejected)
+    assert list(reasons) == [late, wide]
+    assert "postgresql refused it: OverflowError" in reasons[late]
+    assert "postgresql refused it: ProgramLimitExceededError" in reasons[wide]
+    assert len(pg_ids(pg)) == 10
+
+
+def test_postgresql_table_locked_elsewhere_a_stall_is_retried_and_a_second_term_ends_it(
+        consumers: Callable[..., Consumer], redis: redislib.Redis, pg: PostgresServer) -> None:
+    """A lock held by another application made the COPY wait for ever: TERM, a second TERM
+    and the 30 s limit were ignored, and the renewed lease kept the batches from anyone."""
+    recs = make_records(3000)
+    fill(redis, recs[:1000])
+    c = consumers(pg.dsn, batch=500).start()  # lease 1 s: a statement may take 0.67 s
+    wait_until(lambda: c.logs("postgresql sink open") and not redis.llen(QUEUE) and not in_flight_keys(redis),
+               30, "the first events stored")
+    with pg.hold("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"):
+        fill(redis, recs[1000:])
+        wait_until(lambda: c.logs("cannot store a batch; retrying with backoff"), 30, "the stalled COPY cancelled")
+        assert "statement timeout" in c.logs("cannot store a batch; retrying with backoff")[0]["error"]
+        assert c.alive() and c.proc is not None
+        c.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: c.logs("stopping: finishing the batches in hand"), 20, "the stop to begin")
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(10) == 1  # at once, not after 30 s
+        assert redis.llen(QUEUE) == 2000 and in_flight_keys(redis) == []  # what it held went back
+    assert consumers(pg.dsn, name="after").run_once() == 0
+    assert set(pg_ids(pg)) == ids_of(recs)
+
+
+def test_postgresql_term_while_the_sink_opens_behind_a_lock_exits_0_at_once(
+        consumers: Callable[..., Consumer], pg: PostgresServer) -> None:
+    with pg.hold("SELECT pg_advisory_xact_lock(hashtext('meteorit:events'))"):  # as another consumer creating the table
+        c = consumers(pg.dsn, lease=60.0).start()  # a statement may take 40 s: only the stop ends the wait
+        wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'") == "1",
+                   30, "the consumer waiting for the lock")
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(10) == 0
+    assert "stored 0 events" in c.stdout()
