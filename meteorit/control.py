@@ -102,9 +102,7 @@ class Connection:
         if not self.dispatching:  # a later reply (the master waited): go on with the next request
             self.server._next_request(self)
 
-    def fail(self, error: str, as_json: bool | None = None) -> None:
-        if as_json is not None:
-            self.as_json = as_json
+    def fail(self, error: str) -> None:
         self.respond({"ok": False, "error": error})
 
 

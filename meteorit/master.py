@@ -513,7 +513,7 @@ class Master:
                 self.redis.reaped()
                 log.error("embedded redis %s", describe_exit(status))
                 continue
-            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            worker = self._worker_by_pid(pid)
             if worker is not None:
                 del self.workers[worker.slot]
                 self._worker_exited(worker, status)
@@ -892,7 +892,7 @@ class Master:
         except Exception as exc:
             log.error("final counters of pid %s do not decode: %s", ipc.sender, exc)
             return
-        self.retired = metrics.total([self.retired, snapshot]) if self.retired else metrics.total([snapshot])
+        self.retired = metrics.total([self.retired, snapshot])
         if ipc.sender is not None:
             self.retired_pids.append(ipc.sender)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -197,10 +197,3 @@ def _number(value: float) -> str:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def names(doc_text: str) -> Iterable[str]:
-    """Metric names in a Prometheus text (for tests and tools)."""
-    for line in doc_text.splitlines():
-        if line and not line.startswith("#"):
-            yield line.split("{", 1)[0].split(" ", 1)[0]
