@@ -1,13 +1,24 @@
 """meteorit: real-time event ingestion into a Redis queue.
 
-The package is split by concern, one module per part of the design:
-config (settings), log (structured logging), sock (listening sockets), embedded
-(a private redis-server), master (the supervisor), worker (one process's event loop),
-http (the HTTP/1.1 protocol), response (wire bytes of responses), app (routes and
-auth), events (decoding, validation, queue records), writer (group commit to Redis),
-ipc and ipc_wire (the IPC bus and its packets), errors, cli (the command line),
-systemd (notify, socket activation, watchdog), privileges (running as server.user),
-pidfile.
+A package per program, and at the top what they share:
+    master/    the supervisor process (arbiter, slots, reload, control, systemd, ...)
+    worker/    one serving process (HTTP, routes, events, rate limits, writer, spool)
+    bus/       the IPC bus between them (the ngx.ipc API and its wire format)
+    consumer/  meteorit-consumer (batches, rows, one module per sink)
+    config, record (the queue record: the contract between ingest and consumers),
+    metrics, log, errors, privileges, and the entry points cli and ctl.
+
+`from meteorit import ipc` is the bus's public API for plugins (meteorit.bus.ipc).
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # the bus is imported on first use only: `meteorit -t` and meteoritctl need none of it
+    if name == "ipc":
+        from .bus import ipc
+        return ipc
+    raise AttributeError(f"module 'meteorit' has no attribute {name!r}")

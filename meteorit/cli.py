@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"meteorit: cannot open log.file {cfg.log.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
-    from .master import Master  # imported late: `-t` needs none of the runtime
+    from .master.arbiter import Master  # imported late: `-t` needs none of the runtime
     return Master(cfg).run()
 
 

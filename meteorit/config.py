@@ -22,8 +22,12 @@ from typing import Any, Callable, Mapping
 from redis.connection import parse_url as parse_redis_url
 
 from .errors import ConfigError
-from .spool import FRAMING as SPOOL_FRAMING
 
+# What the spool's file format adds around one request (file header 20 + record header 12
+# + msgpack array32 5 bytes): declared here so config needs no import of the spool, and
+# tests/test_spool.py checks that the format adds up to it.
+SPOOL_FRAMING = 37
+EMBEDDED_SOCKET = "redis.sock"  # in redis.data_dir
 EMBEDDED = "embedded"
 # What a reload does when a setting changed (see `reload_plan`):
 HOT = "hot"  # sent to the running workers, applied between requests
@@ -145,13 +149,13 @@ def module_list(value: Any) -> list[str]:
 
 def sink_url(value: Any) -> str:
     """A meteorit-consumer sink: sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-."""
-    from .sinks import parse_sink_url  # the sinks own their URL grammar
+    from .consumer.sinks import parse_sink_url  # the sinks own their URL grammar
     parse_sink_url(non_empty_str(value))
     return value
 
 
 def sql_table(value: Any) -> str:
-    from .sinks import check_table
+    from .consumer.sinks import check_table
     return check_table(non_empty_str(value))
 
 
@@ -319,6 +323,16 @@ class Config:
     @property
     def embedded_redis(self) -> bool:
         return self.redis.url == EMBEDDED
+
+    @property
+    def redis_connect_url(self) -> str:
+        """Where a client reaches Redis: `redis.url`, or the embedded Redis's socket."""
+        return embedded_redis_url(self.redis.data_dir) if self.embedded_redis else self.redis.url
+
+
+def embedded_redis_url(data_dir: str) -> str:
+    """The Unix socket the embedded Redis listens on (the master starts it there)."""
+    return "unix://" + os.path.join(os.path.abspath(data_dir), EMBEDDED_SOCKET)
 
 
 def _check(setting: Setting, raw: Any) -> Any:

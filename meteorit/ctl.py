@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from . import config as configlib
-from .control import LENGTH, MAX_FRAME
+from .master.control import LENGTH, MAX_FRAME
 from .errors import ConfigError
 
 EXIT_OK = 0

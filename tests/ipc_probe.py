@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from meteorit import ipc
+from meteorit.bus import ipc
 from meteorit.errors import IpcError
 
 received: list[dict[str, Any]] = []

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from conftest import Meteorit, RedisServer, kill_group, toml_value, wait_until
 from pg_server import PostgresServer, pg_bin_dir
 
-from meteorit import rows as rowslib
-from meteorit.batches import BatchQueue
-from meteorit.events import IdGenerator, records
-from meteorit.pgsink import PostgresSink
-from meteorit.sinks import SqliteSink, Written
+from meteorit.consumer import rows as rowslib
+from meteorit.consumer.batches import BatchQueue
+from meteorit.record import IdGenerator
+from meteorit.record import encode as records
+from meteorit.consumer.postgresql import PostgresSink
+from meteorit.consumer.sinks import SqliteSink, Written
 
 CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
 QUEUE = "meteorit:events"

@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meteorit.errors import EventError
-from meteorit.events import JSON, MSGPACK, NDJSON, IdGenerator, body_format, decode, records
+from meteorit.record import IdGenerator
+from meteorit.record import encode as records
+from meteorit.worker.events import JSON, MSGPACK, NDJSON, body_format, decode
 
 NOW_MS = 1_700_000_000_123
 

@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from conftest import REDIS_SERVER, Meteorit, RedisServer, wait_until
 from ledger import SPOOLED, Audit, Ledger, Load
-from meteorit import spool as spoolfile
+from meteorit.worker import spool as spoolfile
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meteorit.http import Exchange, HttpProtocol, ServerState
+from meteorit.worker.http import Exchange, HttpProtocol, ServerState
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

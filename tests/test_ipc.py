@@ -16,10 +16,10 @@ import msgpack
 import pytest
 import uvloop
 
-from meteorit import ipc
+from meteorit.bus import ipc
 from meteorit.errors import IpcError
-from meteorit.ipc import MASTER_SLOT, TABLE_ALERT, Bus, Pipes
-from meteorit.ipc_wire import MAX_ALERT, MAX_NAME, PAYLOAD, encode_body, packetize
+from meteorit.bus.ipc import MASTER_SLOT, TABLE_ALERT, Bus, Pipes
+from meteorit.bus.wire import MAX_ALERT, MAX_NAME, PAYLOAD, encode_body, packetize
 
 M, A, B, C = 999, 1000, 1001, 1002  # fake pids: the master and workers in slots 0, 1, 2
 TABLE = {MASTER_SLOT: M, 0: A, 1: B, 2: C}
@@ -61,7 +61,7 @@ def no_module_bus() -> Iterator[None]:
 
 
 class ErrorLog(logging.Handler):
-    """The errors meteorit.ipc logs, and a way to wait for them."""
+    """The errors meteorit.bus.ipc logs, and a way to wait for them."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meteorit.ipc_wire import (HEADER_SIZE, MAX_ALERT, MAX_NAME, PAYLOAD, Alert, Reassembler,
+from meteorit.bus.wire import (HEADER_SIZE, MAX_ALERT, MAX_NAME, PAYLOAD, Alert, Reassembler,
                                encode_body, packetize)
 
 READER = 4242  # the pid of the process reading the pipe

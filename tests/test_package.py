@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port
 from meteorit.config import load as load_config
-from meteorit.sinks import SinkUrl, parse_sink_url
+from meteorit.consumer.sinks import SinkUrl, parse_sink_url
 from test_systemd import NotifySocket
 
 ROOT = Path(__file__).resolve().parent.parent

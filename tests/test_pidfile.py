@@ -14,7 +14,7 @@ import pytest
 
 from conftest import METEORIT, Meteorit, RedisServer
 from meteorit.errors import MeteoritError
-from meteorit.pidfile import PidFile
+from meteorit.master.pidfile import PidFile
 
 
 def dead_pid() -> int:
@@ -77,7 +77,7 @@ def test_a_locked_pid_file_is_refused_until_its_holder_lets_go(tmp_path: Path) -
 
 HOLDER = """
 import os, signal, sys
-from meteorit.pidfile import PidFile
+from meteorit.master.pidfile import PidFile
 PidFile(sys.argv[1]).create(os.getpid())
 child = os.posix_spawn("/bin/sleep", ["sleep", "60"], dict(os.environ))  # as redis-server is started
 print(child, flush=True)

@@ -20,7 +20,7 @@ import redis as redislib
 
 from conftest import METEORIT, Meteorit, wait_until
 from meteorit import log, privileges
-from meteorit.embedded import EmbeddedRedis
+from meteorit.master.embedded import EmbeddedRedis
 from meteorit.errors import ConfigError, EmbeddedRedisError, MeteoritError
 
 NOBODY = pwd.getpwnam("nobody")

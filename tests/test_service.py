@@ -362,7 +362,7 @@ def test_quit_during_worker_boot_is_a_clean_stop(meteorit_factory: Callable[...,
 def test_worker_that_cannot_boot_stops_the_master(meteorit_factory: Callable[..., Meteorit],
                                                   redis_server: RedisServer) -> None:
     m = meteorit_factory({"redis": {"url": redis_server.url}}, start=False)
-    sabotage = ("import sys, meteorit.worker as w\n"
+    sabotage = ("import sys, meteorit.worker.process as w\n"
                 "def boom(self): raise RuntimeError('no loop for you')\n"
                 "w.Worker._boot = boom\n"
                 "from meteorit.cli import main\n"

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meteorit import spool as sp
+from meteorit.worker import spool as sp
 from meteorit.config import load
 from meteorit.errors import ConfigError, WriterUnavailable
-from meteorit.spool import FRAME_SIZE, HEADER_SIZE, Spool, SpoolFile, encode_frame, parse_frames
+from meteorit.worker.spool import FRAME_SIZE, HEADER_SIZE, Spool, SpoolFile, encode_frame, parse_frames
 
 requests_st = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=5), max_size=12)
 

@@ -21,7 +21,7 @@ import pytest
 import redis as redislib
 
 from conftest import METEORIT, READY_TIMEOUT, Meteorit, RedisServer, free_port, wait_until
-from meteorit import systemd
+from meteorit.master import systemd
 from meteorit.errors import MeteoritError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +378,8 @@ def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def test_the_unit_stops_gracefully_within_its_timeout() -> None:
     """KillSignal=SIGQUIT is the graceful stop; systemd must wait longer than it may take."""
-    from meteorit import config, embedded, master
+    from meteorit import config
+    from meteorit.master import arbiter as master, embedded
 
     unit = (ROOT / "conf" / "meteorit.service").read_text()
     directives = dict(re.findall(r"^(\w+)=(.*)$", unit, re.MULTILINE))

@@ -13,10 +13,10 @@ import pytest
 import redis as redislib
 
 from conftest import RedisServer, free_port, wait_until
-from meteorit import spool as spoolfile
+from meteorit.worker import spool as spoolfile
 from meteorit.errors import WriterUnavailable
-from meteorit.spool import Spool, SpoolFile, encode_frame
-from meteorit.writer import RedisWriter
+from meteorit.worker.spool import Spool, SpoolFile, encode_frame
+from meteorit.worker.writer import RedisWriter
 
 QUEUE = "test:queue"
 

@@ -24,9 +24,10 @@ from typing import Awaitable, Callable
 
 import orjson
 
-from . import events, metrics
-from .config import Config
-from .errors import EventError, WriterUnavailable
+from . import events
+from .. import metrics, record
+from ..config import Config
+from ..errors import EventError, WriterUnavailable
 from .http import Exchange
 from .ratelimit import KeyRates, retry_after
 from .response import TEXT_TYPE, error_body
@@ -74,7 +75,7 @@ class EventsApp:
                  collect_stats: CollectStats | None = None) -> None:
         self.writer = writer
         self.collect_stats = collect_stats
-        self.ids = events.IdGenerator()
+        self.ids = record.IdGenerator()
         self.counters = metrics.WorkerCounters()
         self._stats: tuple[float, asyncio.Future[metrics.Snapshot]] | None = None
         self._rates_key: tuple[int, int, tuple[str, ...]] | None = None
@@ -137,7 +138,7 @@ class EventsApp:
             return self._reject(exchange, start, 415, 1, error_body("content encodings are not supported"))
         try:
             batch = events.decode(body, fmt, self.max_events)
-            records, size = events.records(batch, int(time.time() * 1000), self.ids, self.max_event_size)
+            records, size = record.encode(batch, int(time.time() * 1000), self.ids, self.max_event_size)
         except EventError as exc:
             return self._reject(exchange, start, exc.status, 1, error_body(exc.reason, exc.index))
         if key >= 0 and self.rates.enabled:

@@ -17,7 +17,7 @@ import fcntl
 import os
 import tempfile
 
-from .errors import MeteoritError
+from ..errors import MeteoritError
 
 TAKE_ATTEMPTS = 5  # each lost only to another start racing us for the same path
 

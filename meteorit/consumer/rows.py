@@ -3,7 +3,7 @@ records that cannot be stored, each with its reason, as dead letters.
 
 Owns: what the consumer accepts from the queue (a JSON object with a non-empty string
 `id` of at most 128 characters and `type` of at most 256, a 64-bit integer `received_at`
-in ms, and `ts` absent, a number or a string: the queue record meteorit.events builds,
+in ms, and `ts` absent, a number or a string: the queue record of meteorit.record,
 with the HTTP API's own limits) and the dead-letter entry layout. Must not touch: Redis
 or the sinks.
 
@@ -32,12 +32,10 @@ from typing import Any
 
 import orjson
 
-from .events import MAX_ID_LENGTH, MAX_TYPE_LENGTH
+from ..record import INT64_MAX, INT64_MIN, MAX_ID_LENGTH, MAX_TYPE_LENGTH, TS_TYPES, rejection
 
 COLUMNS = ("id", "type", "ts", "received_at", "event")
 WIDTH = len(COLUMNS)
-_TS_TYPES = (int, float, str)
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # SQLite INTEGER, PostgreSQL bigint
 
 
 @dataclass
@@ -73,7 +71,7 @@ def decode(records: list[bytes]) -> Rows:
         # the common case in one test; rejection() says why when it fails
         if (type(ident) is str and 0 < len(ident) <= MAX_ID_LENGTH and type(kind) is str
                 and 0 < len(kind) <= MAX_TYPE_LENGTH and type(received_at) is int
-                and INT64_MIN <= received_at <= INT64_MAX and (ts is None or type(ts) in _TS_TYPES)):
+                and INT64_MIN <= received_at <= INT64_MAX and (ts is None or type(ts) in TS_TYPES)):
             if type(ts) is int and not INT64_MIN <= ts <= INT64_MAX:
                 ts = None  # see the module docstring: stored, with NULL for ts
             columns += (ident, kind, ts, received_at, record.decode())
@@ -84,30 +82,6 @@ def decode(records: list[bytes]) -> Rows:
             rows.dead.append((record, rejection(record)))
     rows.newest_received_at = newest
     return rows
-
-
-def rejection(record: bytes) -> str:
-    """Why `record` cannot be stored (the slow path, for dead letters only)."""
-    try:
-        event = orjson.loads(record)
-    except orjson.JSONDecodeError as exc:
-        return f"not valid JSON: {exc}"
-    if type(event) is not dict:
-        return f"not a JSON object but {type(event).__name__}"
-    for name, longest in (("id", MAX_ID_LENGTH), ("type", MAX_TYPE_LENGTH)):
-        value = event.get(name)
-        if type(value) is not str or not value:
-            return f"\"{name}\" must be a non-empty string, got {orjson.dumps(value).decode()[:64]}"
-        if len(value) > longest:
-            return f"\"{name}\" is longer than {longest} characters ({len(value)})"
-    received_at = event.get("received_at")
-    if type(received_at) is not int:
-        return "\"received_at\" must be an integer (ms)"
-    if not INT64_MIN <= received_at <= INT64_MAX:
-        return "\"received_at\" is out of the 64-bit range"
-    if "ts" in event and event["ts"] is not None and type(event["ts"]) not in _TS_TYPES:
-        return "\"ts\" must be a number or a string"
-    return "not storable"
 
 
 def dead_letter(record: bytes, reason: str, consumer: str) -> bytes:

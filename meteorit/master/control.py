@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import msgpack
 
-from .errors import MeteoritError
-from .ipc_wire import MAX_ALERT
+from ..errors import MeteoritError
+from ..bus.wire import MAX_ALERT
 
 log = logging.getLogger("meteorit.control")
 

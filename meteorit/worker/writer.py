@@ -47,8 +47,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import WriterUnavailable
-from .metrics import BATCH_BUCKETS, Histogram
+from ..errors import WriterUnavailable
+from ..metrics import BATCH_BUCKETS, Histogram
 from .spool import Spool, SpoolFile
 
 log = logging.getLogger("meteorit.writer")

@@ -60,7 +60,7 @@ from typing import Callable
 
 import msgpack
 
-from .errors import WriterUnavailable
+from ...errors import WriterUnavailable
 
 log = logging.getLogger("meteorit.spool")
 

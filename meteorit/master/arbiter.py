@@ -44,15 +44,17 @@ from typing import Any, Callable
 
 import msgpack
 
-from . import config as configlib
-from . import ipc, metrics, pidfile, privileges, sock, systemd
-from . import log as logsetup
-from .config import Config
+from .. import config as configlib
+from ..bus import ipc
+from .. import metrics, privileges
+from . import pidfile, listeners, systemd
+from .. import log as logsetup
+from ..config import Config
 from .control import Connection, ControlServer
 from .embedded import EmbeddedRedis
-from .errors import ConfigError, IpcError, MeteoritError
-from .ipc import MASTER_SLOT, Bus, Pipes
-from .worker import (CONFIG_ALERT, EXIT_BOOT_ERROR, MASTER_STATS_ALERT, RATE_ALERT, READY_ALERT,
+from ..errors import ConfigError, IpcError, MeteoritError
+from ..bus.ipc import MASTER_SLOT, Bus, Pipes
+from ..worker.process import (CONFIG_ALERT, EXIT_BOOT_ERROR, MASTER_STATS_ALERT, RATE_ALERT, READY_ALERT,
                      STATS_ALERT, FINAL_ALERT, Worker)
 
 log = logging.getLogger("meteorit.master")
@@ -230,13 +232,13 @@ class Master:
         """The listen addresses of `cfg`, keeping the open sockets of addresses bound already
         (a base socket closed with its crashed slot is bound afresh)."""
         keep = {a: s for a, s in self.listen_of.items() if a in cfg.server.listen and s.fileno() != -1}
-        fresh = sock.bind_all([a for a in cfg.server.listen if a not in keep],
+        fresh = listeners.bind_all([a for a in cfg.server.listen if a not in keep],
                               cfg.server.backlog, cfg.server.reuseport)
         bound = iter(fresh)
         dropped = [s for a, s in self.listen_of.items() if a not in keep]
         self.listen_of = {a: keep[a] if a in keep else next(bound) for a in cfg.server.listen}
         self.sockets = list(self.listen_of.values())
-        self.addresses = [sock.describe(s) for s in self.sockets]  # port 0 resolved
+        self.addresses = [listeners.describe(s) for s in self.sockets]  # port 0 resolved
         in_use = {id(s) for socks in self.listeners.values() for s in socks}
         for s in dropped:
             if id(s) not in in_use:
@@ -436,7 +438,7 @@ class Master:
             self.claimed = {s for s in self.claimed if s.fileno() != -1}
             self.claimed.add(base)
             return base
-        return sock.bind(address, self.config.server.backlog, reuseport=True)
+        return listeners.bind(address, self.config.server.backlog, reuseport=True)
 
     def _close_listeners(self, slot: int) -> None:
         keep = {id(s) for other, socks in self.listeners.items() if other != slot for s in socks}
@@ -672,7 +674,7 @@ class Master:
         accept queue, and a socket shared with the successor is never closed."""
         old = self.listeners.get(old_slot)
         if (self.config.server.reuseport and old
-                and [sock.describe(s) for s in old] == self.addresses):
+                and [listeners.describe(s) for s in old] == self.addresses):
             self.listeners[new_slot] = old
 
     def _abort_roll(self, reason: str) -> None:
@@ -930,10 +932,10 @@ class Master:
             return False
         self.activated = True
         self.sockets = [s for _name, s in passed]
-        self.addresses = [sock.describe(s) for s in self.sockets]
+        self.addresses = [listeners.describe(s) for s in self.sockets]
         self.listen_of = dict(zip(self.addresses, self.sockets))
         log.info("listening on the sockets systemd passed; server.listen is not used",
-                 extra={"activated": {name: sock.describe(s) for name, s in passed}})
+                 extra={"activated": {name: listeners.describe(s) for name, s in passed}})
         return True
 
     def _tell_systemd(self) -> None:

@@ -34,9 +34,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import privileges
-from .errors import EmbeddedRedisError
-from .privileges import Identity
+from .. import privileges
+from ..config import EMBEDDED_SOCKET
+from ..errors import EmbeddedRedisError
+from ..privileges import Identity
 
 log = logging.getLogger("meteorit.embedded")
 
@@ -62,7 +63,7 @@ class EmbeddedRedis:
         self.dir = os.path.abspath(data_dir)
         self.binary = binary
         self.owner = owner  # server.user: redis-server runs as it, and owns the data directory
-        self.socket_path = os.path.join(self.dir, "redis.sock")
+        self.socket_path = os.path.join(self.dir, EMBEDDED_SOCKET)
         self.pid: int | None = None
         self._lock_fd: int | None = None
 

@@ -43,11 +43,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from . import __version__, config
-from . import log as logsetup
+from .. import __version__, config
+from .. import log as logsetup
 from .batches import Batch, BatchQueue
-from .embedded import EmbeddedRedis
-from .errors import ConfigError
+from ..errors import ConfigError
 from .rows import WIDTH, Rows, decode, dead_letter
 from .sinks import Sink, SinkFailed, SinkUnavailable, Written, open_sink
 
@@ -109,7 +108,7 @@ class Consumer:
         self.live = live
         self.batch_size = cfg.consumer.batch
         self.counters = Counters()
-        url = EmbeddedRedis(cfg.redis.data_dir).url if cfg.embedded_redis else cfg.redis.url
+        url = cfg.redis_connect_url
         self.client = redis.asyncio.Redis.from_url(
             url, socket_timeout=cfg.redis.timeout, socket_connect_timeout=cfg.redis.timeout,
             retry=Retry(NoBackoff(), 0))  # one try: the loops below back off themselves

@@ -16,8 +16,8 @@ import os
 import socket
 import stat
 
-from .config import parse_listen_address
-from .errors import MeteoritError
+from ..config import parse_listen_address
+from ..errors import MeteoritError
 
 
 def bind(address: str, backlog: int, reuseport: bool = False) -> socket.socket:

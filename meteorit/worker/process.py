@@ -23,13 +23,14 @@ import msgpack
 import orjson
 import uvloop
 
-from . import ipc, metrics, privileges
-from . import log as logsetup
+from ..bus import ipc
+from .. import metrics, privileges
+from .. import log as logsetup
 from .app import EventsApp
-from .config import Config
-from .errors import IpcError
+from ..config import Config
+from ..errors import IpcError
 from .http import HttpProtocol, ServerState
-from .ipc import Bus, Pipes
+from ..bus.ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
 from .spool import Spool

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from .errors import MeteoritError
+from ..errors import MeteoritError
 
 if TYPE_CHECKING:
-    from .ipc import Bus, _Waiter
+    from ..bus.ipc import Bus, _Waiter
 
 log = logging.getLogger("meteorit.systemd")
 

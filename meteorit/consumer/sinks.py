@@ -48,7 +48,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from .errors import MeteoritError
+from ..errors import MeteoritError
 from .rows import WIDTH, Rows
 
 log = logging.getLogger("meteorit.sinks")
@@ -144,7 +144,7 @@ def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
     if spec.kind == "sqlite":
         return SqliteSink(spec.target, table, spec.timeout)
     if spec.kind == "postgresql":
-        from .pgsink import PostgresSink  # pgsink imports this module: here, not at the top
+        from .postgresql import PostgresSink  # pgsink imports this module: here, not at the top
         return PostgresSink(spec.target, table, writers, stall)
     return NdjsonSink(spec.target)
 

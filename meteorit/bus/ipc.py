@@ -42,8 +42,8 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 
 import msgpack
 
-from .errors import IpcError
-from .ipc_wire import HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, encode_body, packetize
+from ..errors import IpcError
+from .wire import HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, encode_body, packetize
 
 log = logging.getLogger("meteorit.ipc")
 

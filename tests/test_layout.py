@@ -1,0 +1,97 @@
+"""The layout's rules, read from the imports of every module (ast, no execution):
+which package may import which, who talks to Redis, and how large a module may grow."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "meteorit"
+MAX_LINES = 520  # "about 400"; a module past this is due for a split by concern
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every meteorit module `path` imports, at the top or inside a function, resolved."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            found.add(origin)
+            # `from meteorit.worker import spool` imports meteorit.worker.spool
+            found.update(f"{origin}.{alias.name}" for alias in node.names)
+    return {m for m in found if m == "meteorit" or m.startswith("meteorit.")}
+
+
+MODULES = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def violations(modules: dict[str, set[str]], importer: str, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(f"{mod} imports {dep}" for mod, deps in modules.items() if in_package(mod, importer)
+                  for dep in deps if any(in_package(dep, f) for f in forbidden))
+
+
+def test_the_modules_are_found() -> None:
+    assert {"meteorit.bus.ipc", "meteorit.worker.writer", "meteorit.master.arbiter",
+            "meteorit.consumer.command", "meteorit.record", "meteorit.config"} <= MODULES.keys()
+
+
+@pytest.mark.parametrize(("importer", "forbidden"), [
+    ("meteorit.bus", ("meteorit.master", "meteorit.worker", "meteorit.consumer")),
+    ("meteorit.consumer", ("meteorit.master", "meteorit.worker")),
+    ("meteorit.worker", ("meteorit.master", "meteorit.consumer")),
+    ("meteorit.config", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+    ("meteorit.record", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+    ("meteorit.metrics", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+])
+def test_package_imports_nothing_it_must_not(importer: str, forbidden: tuple[str, ...]) -> None:
+    assert violations(MODULES, importer, forbidden) == []
+
+
+def test_the_rule_checker_sees_a_violation() -> None:
+    """The checker itself: a relative import that climbs out of the package is resolved."""
+    planted = {"meteorit.bus.ipc": {"meteorit.worker.writer"}, "meteorit.business": {"meteorit.worker"}}
+    assert violations(planted, "meteorit.bus", ("meteorit.worker",)) == [
+        "meteorit.bus.ipc imports meteorit.worker.writer"]  # meteorit.business is not in meteorit.bus
+    assert "meteorit.errors" in MODULES["meteorit.bus.ipc"]  # `from ..errors import` resolved
+
+
+def test_only_the_writer_and_the_spool_talk_to_redis_on_the_ingest_side() -> None:
+    def uses_redis(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n in ("redis", "hiredis") or n.startswith(("redis.", "hiredis.")) for n in names):
+                return True
+        return False
+
+    ingest = [p for p in (PACKAGE / "worker").rglob("*.py") if uses_redis(p)]
+    allowed = ("meteorit.worker.writer", "meteorit.worker.spool")
+    assert sorted(module_name(p) for p in ingest if not module_name(p).startswith(allowed)) == []
+
+
+def test_no_module_is_a_thousand_line_grab_bag() -> None:
+    sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
