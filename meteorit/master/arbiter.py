@@ -167,11 +167,14 @@ class Master:
         socket (it would accept meteoritctl), the embedded Redis' and the pid file's locks
         (a worker outliving the master would hold them against the next start), the notify
         socket (it would speak for us)."""
-        holders = [self.control.sock if self.control is not None else None,
-                   getattr(self.redis, "_lock_fd", None), getattr(self.notify, "_sock", None),
-                   getattr(self.pid_file, "fd", None)]
-        fds = [h if isinstance(h, int) else h.fileno() for h in holders if h is not None]
-        return [self.wake_r, self.wake_w, self.selector.fileno(), *(fd for fd in fds if fd >= 0)]
+        fds = [self.wake_r, self.wake_w, self.selector.fileno(), *self.notify.fds()]
+        if self.control is not None and self.control.sock is not None:
+            fds.append(self.control.sock.fileno())
+        if self.redis is not None:
+            fds += self.redis.fds()
+        if self.pid_file is not None and self.pid_file.fd is not None:
+            fds.append(self.pid_file.fd)
+        return [fd for fd in fds if fd >= 0]
 
     # --- the loop
 
