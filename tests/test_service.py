@@ -409,3 +409,46 @@ def test_embedded_redis(meteorit_factory: Callable[..., Meteorit], tmp_path: Pat
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def open_files(pid: int) -> set[str]:
+    """What /proc says each descriptor of `pid` points at (paths, `socket:[INODE]`, ...)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return found
+
+
+def unix_sockets_bound_at(path: str) -> set[str]:
+    """`socket:[INODE]` of every socket bound at `path` as spelled at bind() (/proc/net/unix:
+    a relative path may be another test's too)."""
+    lines = [line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:]]
+    return {f"socket:[{fields[6]}]" for fields in lines if len(fields) == 8 and fields[7] == path}
+
+
+def test_workers_keep_none_of_the_masters_own_descriptors(meteorit_factory: Callable[..., Meteorit],
+                                                          tmp_path: Path) -> None:
+    """A worker outliving its master must not hold the pid file's or the embedded Redis'
+    lock against the next start, nor accept meteoritctl on the control socket."""
+    data_dir, pid_file = tmp_path / "redis-data", tmp_path / "meteorit.pid"
+    m = meteorit_factory({"redis": {"url": "embedded", "data_dir": str(data_dir)},
+                          "server": {"pid_file": str(pid_file)}}, start=False)
+    try:
+        m.start()
+        assert m.proc is not None
+        master = open_files(m.proc.pid)
+        (control,) = unix_sockets_bound_at("var/run/meteorit.sock") & master  # control.socket, relative
+        masters_own = {str(pid_file), str(data_dir / "meteorit.lock"), control}
+        assert masters_own <= master  # the names are right: the master holds them
+        for slot, pid in m.worker_pids().items():
+            assert open_files(pid) & masters_own == set(), f"worker {slot}"
+    finally:
+        redis_pid_file = data_dir / "redis.pid"
+        if redis_pid_file.exists():
+            try:
+                os.kill(int(redis_pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass

@@ -104,7 +104,10 @@ def test_notify_socket_leaves_the_environment_and_abstract_names_work() -> None:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         assert got[1]["RELOADING"] == "1" and 0 <= now - int(got[1]["MONOTONIC_USEC"]) < 1_000_000
         assert got[2] == {"STOPPING": "1"}
+        (fd,) = notifier.fds()  # what the master's workers close after fork
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
         notifier.close()
+        assert notifier.fds() == []
     finally:
         listener.close()
 

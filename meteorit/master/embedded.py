@@ -71,6 +71,11 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
+    def fds(self) -> list[int]:
+        """What a child of the master must close: the data directory's lock, which a
+        worker outliving the master would hold against the next start."""
+        return [self._lock_fd] if self._lock_fd is not None else []
+
     def start(self) -> None:
         binary = shutil.which(self.binary)
         if binary is None:

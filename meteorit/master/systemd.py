@@ -131,6 +131,10 @@ class Notifier:
     def _note_status(self, lines: tuple[str, ...]) -> None:
         self.last_status = next((line[7:] for line in lines if line.startswith("STATUS=")), self.last_status)
 
+    def fds(self) -> list[int]:
+        """What a child of the master must close: the notify socket (it would speak for us)."""
+        return [self._sock.fileno()] if self._sock is not None else []
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
