@@ -1,33 +1,35 @@
-"""The spool: the append-only file a worker writes events to when Redis cannot take them.
+"""One spool file on disk: created and locked, appended to, read back, its cursor moved,
+compacted, adopted from a process that is gone, removed.
 
-Owns: the spool files under `[spool] dir`, their layout, their locks, the fsync policy,
-and reading them back (torn or corrupt records detected and skipped). Must not touch:
-Redis (the writer replays what it reads here), HTTP, other processes.
+Owns: the spool files under `[spool] dir` (their names, locks, writes, cut-backs and
+removal) and finding the orphans. Must not touch: the event loop (everything here runs on
+the spool thread, or inline with fsync "never"), Redis (the writer replays what is read
+here), HTTP, the byte layout (spool/format.py).
 
 One file per worker process, `<pid>-<random>.spool`, held with an exclusive
 `fcntl.flock` for the life of the process. A file whose lock can be taken belongs to a
 process that is gone (crashed, killed, or stopped with a backlog): any worker may adopt
 it, replay it and remove it. Workers are replaced over time, so ownership is by lock,
-never by slot.
+never by slot. A file is created as `<stem>.tmp`, locked and given its header, then
+renamed, so an adopter never finds an unlocked file being born; a `.tmp` older than
+STALE_TMP_AGE was abandoned by a killed creator and is removed.
 
-Layout (integers big-endian, CRC-32 as zlib computes it):
-
-    header  MAGIC (8 bytes) | cursor (u64) | crc32(cursor bytes) (u32)       20 bytes
-    record  FRAME_MAGIC (4) | length (u32) | crc32(length bytes + payload) (u32) | payload
-
-`cursor` is the offset of the first record not yet replayed: the writer moves it after
-Redis acknowledged each replayed chunk, so a replay cut short (a worker killed mid-way)
-resumes there and repeats at most one chunk. The payload of a record is one request's
-queue records as a msgpack array of bin strings: a request is spooled whole or not at all.
+The header's cursor is the offset of the first record not yet replayed: `advance` moves
+it after Redis acknowledged each replayed chunk, so a replay cut short (a worker killed
+mid-way) resumes there and repeats at most one chunk. Our own file is cut back to its
+header once everything in it is replayed.
 
 A record is appended, and the request answered, only after the whole write (and fsync,
 per `[spool] fsync`) succeeded; a failed write (disk full, file too large) is cut back
 off the file, so the file never holds a partial record of a live process. A process
-killed in the middle of a write leaves a torn record at the end: the reader reports and
-skips it. A damaged record elsewhere is skipped up to the next FRAME_MAGIC that starts a
-record with a valid CRC (best effort: the CRC guards against damage, not against forgery).
-A damaged header (magic or cursor) replays every intact record from the first one:
-duplicates rather than losses; only a file with no record magic at all is set aside.
+killed in the middle of a write leaves a torn record at the end: the reader skips it and
+reports it, as it does damage (spool/format.py says how each is told and skipped). A file
+with a damaged header replays every intact record; one that is no spool at all is set
+aside as `<name>.bad`.
+
+When an append needs room that the part already replayed holds (a Redis that comes and
+goes), `compact` copies the records not yet replayed to a new file, which then takes the
+old one's place.
 
 Concurrent requests share one write() and one fsync (group commit), like the Redis
 writer's RPUSH, up to WRITE_MAX bytes a write: a failed write fails every request in it. With `fsync = "batch"` or `"always"` every file operation runs in one
@@ -50,28 +52,18 @@ import fcntl
 import logging
 import os
 import secrets
-import struct
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-import msgpack
-
 from ...errors import WriterUnavailable
+from .format import (DAMAGED_CURSOR, DAMAGED_MAGIC, FOREIGN, FRAME_MAGIC, HEADER_SIZE, Problem,
+                     encode_frame, encode_header, parse_frames, parse_header)
 
 log = logging.getLogger("meteorit.spool")
 
-MAGIC = b"MTRSPOOL"
-HEADER = struct.Struct(">8sQI")  # magic, cursor, crc32 of the cursor's 8 bytes
-HEADER_SIZE = HEADER.size
-FRAME_MAGIC = b"\xa7MSR"
-FRAME = struct.Struct(">4sII")  # magic, payload length, crc32 of length + payload
-FRAME_SIZE = FRAME.size
-MAX_FRAME = 256 * 1024 * 1024  # a larger length field is damage, not a record
-FRAMING = HEADER_SIZE + FRAME_SIZE + 5  # a file of one request: header, record header, msgpack array32
 READ_BLOCK = 256 * 1024  # the least a replay read asks for
 SUFFIX = ".spool"
 TMP_SUFFIX = ".tmp"
@@ -85,109 +77,6 @@ ALWAYS, BATCH, NEVER = "always", "batch", "never"
 FSYNC_MODES = (ALWAYS, BATCH, NEVER)
 
 SpoolDone = Callable[[Exception | None], None]
-
-
-# --- the record layout
-
-
-def encode_frame(records: list[bytes]) -> bytes:
-    payload = msgpack.packb(records, use_bin_type=True)
-    length = len(payload).to_bytes(4, "big")
-    return FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
-
-
-def encode_header(cursor: int) -> bytes:
-    raw = cursor.to_bytes(8, "big")
-    return HEADER.pack(MAGIC, cursor, zlib.crc32(raw))
-
-
-@dataclass
-class Problem:
-    """A stretch of a spool file that holds no record: torn (at the end) or corrupt."""
-
-    kind: str  # "torn" or "corrupt"
-    offset: int  # from the start of the parsed buffer (the caller rebases it)
-    length: int
-
-
-@dataclass
-class Parsed:
-    records: list[bytes] = field(default_factory=list)
-    consumed: int = 0  # bytes of the buffer dealt with: records read and damage skipped
-    problems: list[Problem] = field(default_factory=list)
-    need: int = 0  # when nothing could be consumed: bytes the next record needs in one buffer
-
-
-def parse_frames(buf: bytes, at_eof: bool, max_events: int = 1 << 62,
-                 max_bytes: int = 1 << 62) -> Parsed:
-    """The whole records at the start of `buf`, at least one and then up to `max_events`
-    records / `max_bytes` bytes. `at_eof` says `buf` ends where the file ends, so a record
-    cut short there is torn rather than still to be read."""
-    out = Parsed()
-    view = memoryview(buf)
-    n = len(buf)
-    pos = 0
-    while pos < n:
-        if out.records and (len(out.records) >= max_events or pos >= max_bytes):
-            break
-        if n - pos < FRAME_SIZE:
-            if not at_eof:
-                out.need = FRAME_SIZE
-                break
-            out.problems.append(Problem("torn", pos, n - pos))
-            pos = n
-            break
-        magic, length, crc = FRAME.unpack_from(buf, pos)
-        if magic != FRAME_MAGIC or length > MAX_FRAME:
-            pos = _resync(buf, pos, at_eof, out)
-            continue
-        end = pos + FRAME_SIZE + length
-        if end > n:
-            if not at_eof:
-                out.need = end - pos
-                break
-            later = buf.find(FRAME_MAGIC, pos + 1)
-            if later == -1:  # nothing after it: the last write was cut short
-                out.problems.append(Problem("torn", pos, n - pos))
-                pos = n
-                break
-            out.problems.append(Problem("corrupt", pos, later - pos))  # a damaged length
-            pos = later
-            continue
-        payload = view[pos + FRAME_SIZE:end]
-        items = _decode_payload(payload, length, crc)
-        if items is None:
-            pos = _resync(buf, pos, at_eof, out)
-            continue
-        if out.records and (len(out.records) + len(items) > max_events or end > max_bytes):
-            break  # this record starts the next chunk
-        out.records.extend(items)
-        pos = end
-    out.consumed = pos
-    return out
-
-
-def _decode_payload(payload: memoryview, length: int, crc: int) -> list[bytes] | None:
-    if zlib.crc32(payload, zlib.crc32(length.to_bytes(4, "big"))) != crc:
-        return None
-    try:
-        items = msgpack.unpackb(payload, raw=True)
-    except (ValueError, msgpack.UnpackException):
-        return None
-    if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
-        return None
-    return items
-
-
-def _resync(buf: bytes, pos: int, at_eof: bool, out: Parsed) -> int:
-    """Skip damaged bytes at `pos` up to the next FRAME_MAGIC (the record there is then
-    checked like any other); returns the new position."""
-    later = buf.find(FRAME_MAGIC, pos + 1)
-    if later == -1:
-        # keep the last bytes: a magic may straddle the end of this buffer
-        later = len(buf) if at_eof else max(pos + 1, len(buf) - len(FRAME_MAGIC) + 1)
-    out.problems.append(Problem("corrupt", pos, later - pos))
-    return later
 
 
 # --- one spool file (used from the spool thread only)
@@ -394,25 +283,18 @@ def _copy_range(src: int, start: int, end: int, dst: int, at: int) -> int:
 def _read_cursor(fd: int, size: int, path: str) -> int | None:
     """Where replay starts, or None for a file that is no spool at all (set aside)."""
     name = os.path.basename(path)
-    raw = os.pread(fd, HEADER_SIZE, 0)
-    if len(raw) < HEADER_SIZE:
-        if MAGIC.startswith(raw[:8]):
-            return HEADER_SIZE  # killed while writing the header: there is nothing after it
+    header = parse_header(os.pread(fd, HEADER_SIZE, 0), size)
+    damage = header.damage
+    if damage == DAMAGED_MAGIC and not _holds_a_record(fd, size):
+        damage = FOREIGN
+    if damage == FOREIGN:
         log.error("spool %s is not a spool file; set aside", name)
         return None
-    magic, cursor, crc = HEADER.unpack(raw)
-    if magic != MAGIC:
-        if not _holds_a_record(fd, size):
-            log.error("spool %s is not a spool file; set aside", name)
-            return None
+    if damage == DAMAGED_MAGIC:
         log.error("spool %s: damaged header, replaying every intact record (duplicates possible)", name)
-        return HEADER_SIZE
-    if size <= HEADER_SIZE:
-        return HEADER_SIZE  # nothing after the header (killed between a cut-back and its cursor)
-    if zlib.crc32(raw[8:16]) != crc or not HEADER_SIZE <= cursor <= size:
+    elif damage == DAMAGED_CURSOR:
         log.warning("spool %s: damaged cursor, replaying the whole file (duplicates possible)", name)
-        return HEADER_SIZE
-    return cursor
+    return header.cursor
 
 
 def _holds_a_record(fd: int, size: int) -> bool:
