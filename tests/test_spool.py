@@ -19,7 +19,9 @@ from meteorit.config import load
 from meteorit.errors import ConfigError, WriterUnavailable
 from meteorit.worker import spool as sp
 from meteorit.worker.spool import HEADER_SIZE, Spool, SpoolFile, encode_frame
-from meteorit.worker.spool.file import READ_BLOCK, STALE_TMP_AGE, WRITE_MAX
+from meteorit.worker.spool.file import READ_BLOCK, STALE_TMP_AGE
+from meteorit.worker.spool.policy import WRITE_MAX
+
 
 def flat(requests: list[list[bytes]]) -> list[bytes]:
     return [record for request in requests for record in request]
