@@ -25,7 +25,7 @@ from .errors import ConfigError
 
 # What the spool's file format adds around one request (file header 20 + record header 12
 # + msgpack array32 5 bytes): declared here so config needs no import of the spool, and
-# tests/test_spool.py checks that the format adds up to it.
+# tests/test_spool_format.py checks that the format adds up to it.
 SPOOL_FRAMING = 37
 EMBEDDED_SOCKET = "redis.sock"  # in redis.data_dir
 EMBEDDED = "embedded"

@@ -1,5 +1,6 @@
-"""The spool file: layout, torn and corrupt records, the replay cursor, locks and
-adoption, compaction, group commit, the size cap and a full disk (a real RLIMIT_FSIZE)."""
+"""The spool's files and policy: the replay cursor, locks and adoption, damaged headers,
+compaction, group commit, the size cap and a full disk (a real RLIMIT_FSIZE). The byte
+format alone is tests/test_spool_format.py."""
 
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from meteorit.worker import spool as sp
 from meteorit.config import load
 from meteorit.errors import ConfigError, WriterUnavailable
-from meteorit.worker.spool import FRAME_SIZE, HEADER_SIZE, Spool, SpoolFile, encode_frame, parse_frames
-
-requests_st = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=5), max_size=12)
+from meteorit.worker import spool as sp
+from meteorit.worker.spool import HEADER_SIZE, Spool, SpoolFile, encode_frame
+from meteorit.worker.spool.file import READ_BLOCK, STALE_TMP_AGE
+from meteorit.worker.spool.policy import WRITE_MAX
 
 
 def flat(requests: list[list[bytes]]) -> list[bytes]:
@@ -30,73 +29,6 @@ def flat(requests: list[list[bytes]]) -> list[bytes]:
 
 def sample_requests(n: int = 5) -> list[list[bytes]]:
     return [[b'{"type":"t","n":%d,"i":%d}' % (r, i) for i in range(3)] for r in range(n)]
-
-
-# --- the layout, as bytes
-
-
-@given(requests_st)
-def test_records_come_back_in_order(requests: list[list[bytes]]) -> None:
-    buf = b"".join(encode_frame(r) for r in requests)
-    parsed = parse_frames(buf, at_eof=True)
-    assert (parsed.records, parsed.consumed, parsed.problems) == (flat(requests), len(buf), [])
-
-
-@given(requests_st, st.integers(1, 7), st.integers(1, 300))
-def test_chunks_by_events_and_bytes_cover_everything_once(requests: list[list[bytes]], max_events: int,
-                                                          max_bytes: int) -> None:
-    buf = b"".join(encode_frame(r) for r in requests)
-    got: list[bytes] = []
-    pos = 0
-    while pos < len(buf):
-        parsed = parse_frames(buf[pos:], True, max_events, max_bytes)
-        assert parsed.consumed > 0 and parsed.records  # at least one whole record per chunk
-        got.extend(parsed.records)
-        pos += parsed.consumed
-    assert got == flat(requests)
-
-
-def test_a_record_cut_at_any_byte_is_torn_and_the_ones_before_are_kept() -> None:
-    requests = sample_requests(3)
-    whole = b"".join(encode_frame(r) for r in requests[:2])
-    last = encode_frame(requests[2])
-    for cut in range(1, len(last)):
-        parsed = parse_frames(whole + last[:cut], at_eof=True)
-        assert parsed.records == flat(requests[:2])
-        assert [(p.kind, p.offset, p.length) for p in parsed.problems] == [("torn", len(whole), cut)]
-        assert parsed.consumed == len(whole) + cut
-
-
-def test_an_incomplete_record_before_the_end_of_the_file_is_waited_for() -> None:
-    frame = encode_frame([b"a" * 100])
-    parsed = parse_frames(frame[:50], at_eof=False)
-    assert (parsed.records, parsed.consumed, parsed.problems, parsed.need) == ([], 0, [], len(frame))
-
-
-@pytest.mark.parametrize("where", ["magic", "length", "crc", "payload"])
-def test_a_damaged_record_in_the_middle_is_skipped_and_the_rest_kept(where: str) -> None:
-    requests = sample_requests(3)
-    frames = [encode_frame(r) for r in requests]
-    offset = {"magic": 0, "length": 5, "crc": 9, "payload": FRAME_SIZE + 3}[where]
-    damaged = bytearray(frames[1])
-    damaged[offset] ^= 0xFF
-    parsed = parse_frames(frames[0] + bytes(damaged) + frames[2], at_eof=True)
-    assert parsed.records == requests[0] + requests[2]
-    assert [p.kind for p in parsed.problems] == ["corrupt"]
-    assert parsed.problems[0].offset == len(frames[0])
-
-
-@settings(max_examples=200)
-@given(requests_st, st.data())
-def test_garbage_never_comes_out_as_records(requests: list[list[bytes]], data: st.DataObject) -> None:
-    buf = bytearray(b"".join(encode_frame(r) for r in requests))
-    if buf:
-        for _ in range(data.draw(st.integers(1, 4))):
-            buf[data.draw(st.integers(0, len(buf) - 1))] ^= data.draw(st.integers(1, 255))
-    parsed = parse_frames(bytes(buf), at_eof=True)
-    assert parsed.consumed == len(buf)
-    sent = set(flat(requests))
-    assert all(record in sent for record in parsed.records)
 
 
 # --- one file
@@ -204,14 +136,14 @@ def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
     stale, fresh = tmp_path / "1-aa.tmp", tmp_path / "2-bb.tmp"
     for path in (stale, fresh):
         path.write_bytes(sp.encode_header(HEADER_SIZE))
-    old = time.time() - 2 * sp.STALE_TMP_AGE
+    old = time.time() - 2 * STALE_TMP_AGE
     os.utime(stale, (old, old))
     assert sp.find_orphan(str(tmp_path), own="") is None
     assert not stale.exists() and fresh.exists()  # a fresh one may be a worker creating its file
 
 
 def test_a_large_record_is_read_whole(tmp_path: Path) -> None:
-    big = [b"x" * (3 * sp.READ_BLOCK)]
+    big = [b"x" * (3 * READ_BLOCK)]
     f = make_file(tmp_path, [[b"small"], big])
     chunk = f.read(max_events=100, max_bytes=10)
     assert chunk.records == [b"small"]
@@ -371,7 +303,7 @@ def test_bytes_being_written_are_counted_once(tmp_path: Path, monkeypatch: pytes
         release.wait(10)
         real_fdatasync(fd)
 
-    monkeypatch.setattr(sp.os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
 
     async def scenario() -> None:
         spool = Spool(str(tmp_path), sp.BATCH, 8192)
@@ -406,7 +338,7 @@ def test_group_commit_writes_are_capped(tmp_path: Path, monkeypatch: pytest.Monk
     async def scenario() -> None:
         spool = Spool(str(tmp_path), sp.NEVER, 1 << 30)
         spool.open()
-        big = [[b"x" * (sp.WRITE_MAX * 2 // 5)] for _ in range(5)]
+        big = [[b"x" * (WRITE_MAX * 2 // 5)] for _ in range(5)]
         assert await submit_all(spool, big) == [None] * 5
         assert writes == [2, 2, 1]  # not one write that a full disk would fail whole
         await spool.close()

@@ -13,7 +13,6 @@ import pytest
 import redis as redislib
 
 from conftest import RedisServer, free_port, wait_until
-from meteorit.worker import spool as spoolfile
 from meteorit.errors import WriterUnavailable
 from meteorit.worker.spool import Spool, SpoolFile, encode_frame
 from meteorit.worker.writer import RedisWriter
@@ -278,7 +277,7 @@ def test_an_orphan_whose_replay_fails_is_released(redis_server: RedisServer, red
                 raise failures.pop()
             real_unlink(path)
 
-        monkeypatch.setattr(spoolfile.os, "unlink", failing_unlink)
+        monkeypatch.setattr(os, "unlink", failing_unlink)
 
     async def scenario() -> None:
         writer = make_spooling_writer(redis_server.url, tmp_path)

@@ -2,7 +2,7 @@
 spool for when Redis cannot take them.
 
 Owns: the worker's only Redis connection, and the decision where a request's events go:
-Redis, or the worker's spool (meteorit/spool.py), and the replay of spools into Redis.
+Redis, or the worker's spool (meteorit/worker/spool/), and the replay of spools into Redis.
 Requests hand it their records with a callback; while one RPUSH is in flight the next
 requests wait, and the next RPUSH carries all of them (bounded by `batch_max_events` and
 `batch_max_bytes`, and always whole requests, so a request is in Redis whole or not at
