@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
+from ..config import check_table
 from .rows import WIDTH, Rows
-from .sinks import SinkUnavailable, Written, check_table, refused
+from .sinks import SinkUnavailable, Written, refused
 
 log = logging.getLogger("meteorit.sinks")
 

@@ -37,23 +37,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sqlite3
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import parse_qs
 
 import orjson
 
+from ..config import SQLITE_TIMEOUT, check_table, parse_sink_url
 from ..errors import MeteoritError
 from .rows import WIDTH, Rows
 
 log = logging.getLogger("meteorit.sinks")
 
-SQLITE_TIMEOUT = 5.0
 MAX_ROWS_PER_INSERT = 8192  # a power of two; statement sizes are powers of two up to it
 CHECKPOINT_BYTES = 4 << 20  # of records stored between PASSIVE checkpoints on their own thread
 # The WAL starts again from its beginning once the last checkpoint found this much in it,
@@ -64,7 +62,6 @@ WAL_SIZE_LIMIT = 64 << 20  # journal_size_limit: the WAL file is cut to this whe
 REWIND_WAIT_MS = 100  # for other connections' transactions to end before a rewind; else later
 # Errors that mean "this row's data", not "the database": the batch goes in row by row.
 SQLITE_ROW_ERRORS = (OverflowError, ValueError, sqlite3.DataError)
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 REASON_CHARS = 300  # of a database's message in a dead letter's reason
 
 
@@ -94,48 +91,6 @@ class Sink(Protocol):
     async def write(self, rows: Rows) -> Written: ...
 
     async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SinkUrl:
-    kind: str  # "sqlite", "postgresql" or "ndjson"
-    target: str  # a path, a DSN, or "-"
-    timeout: float = SQLITE_TIMEOUT
-
-
-def parse_sink_url(url: str) -> SinkUrl:
-    """Check a sink URL; ValueError names what is wrong."""
-    if url.startswith("sqlite:///"):
-        path, _, query = url[len("sqlite:///"):].partition("?")
-        if not path:
-            raise ValueError(f"no database path in {url!r} (sqlite:///relative.db or sqlite:////abs.db)")
-        params = parse_qs(query, strict_parsing=bool(query)) if query else {}
-        unknown = set(params) - {"timeout"}
-        if unknown:
-            raise ValueError(f"unknown sqlite parameter {sorted(unknown)[0]!r} (known: timeout)")
-        timeout = SQLITE_TIMEOUT
-        if "timeout" in params:
-            try:
-                timeout = float(params["timeout"][-1])
-            except ValueError:
-                raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
-            if not timeout >= 0:
-                raise ValueError(f"timeout must be >= 0 in {url!r}")
-        return SinkUrl("sqlite", path, timeout)
-    if url.startswith(("postgresql://", "postgres://")):
-        return SinkUrl("postgresql", url)
-    if url.startswith("ndjson:"):
-        target = url[len("ndjson:"):]
-        if not target:
-            raise ValueError("ndjson needs a path or - (stdout): ndjson:/var/events.ndjson")
-        return SinkUrl("ndjson", target)
-    raise ValueError(f"unknown sink {url!r}: use sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-")
-
-
-def check_table(name: str) -> str:
-    if not IDENTIFIER.match(name):
-        raise ValueError(f"must be a plain SQL identifier (letters, digits, _), got {name!r}")
-    return name
 
 
 def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
