@@ -31,7 +31,8 @@ from meteorit.consumer.batches import BatchQueue
 from meteorit.record import IdGenerator
 from meteorit.record import encode as records
 from meteorit.consumer.postgresql import PostgresSink
-from meteorit.consumer.sinks import SqliteSink, Written
+from meteorit.consumer.sink import Written
+from meteorit.consumer.sqlite import SqliteSink
 
 CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
 QUEUE = "meteorit:events"

@@ -45,10 +45,13 @@ from redis.retry import Retry
 
 from .. import __version__, config
 from .. import log as logsetup
-from .batches import Batch, BatchQueue
 from ..errors import ConfigError
-from .rows import WIDTH, Rows, decode, dead_letter
-from .sinks import Sink, SinkFailed, SinkUnavailable, Written, open_sink
+from .batches import Batch, BatchQueue
+from .ndjson import NdjsonSink
+from .postgresql import PostgresSink
+from .rows import WIDTH, Rows, dead_letter, decode
+from .sink import Sink, SinkFailed, SinkUnavailable, Written
+from .sqlite import SqliteSink
 
 log = logging.getLogger("meteorit.consumer")
 
@@ -477,6 +480,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="consumer name (overrides consumer.name)")
     p.add_argument("--version", action="version", version=f"meteorit-consumer {__version__}")
     return p
+
+
+def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
+    """The sink `consumer.sink` names. `stall`: seconds a database statement may take
+    before it counts as stuck."""
+    spec = config.parse_sink_url(url)
+    if spec.kind == "sqlite":
+        return SqliteSink(spec.target, table, spec.timeout)
+    if spec.kind == "postgresql":
+        return PostgresSink(spec.target, table, writers, stall)
+    return NdjsonSink(spec.target)
 
 
 def consumer_id(name: str) -> str:
