@@ -55,7 +55,7 @@ def violations(modules: dict[str, set[str]], importer: str, forbidden: tuple[str
 
 def test_the_modules_are_found() -> None:
     assert {"meteorit.bus.ipc", "meteorit.worker.writer", "meteorit.master.arbiter",
-            "meteorit.consumer.pipeline", "meteorit.record", "meteorit.config"} <= MODULES.keys()
+            "meteorit.consumer.command", "meteorit.record", "meteorit.config"} <= MODULES.keys()
 
 
 @pytest.mark.parametrize(("importer", "forbidden"), [

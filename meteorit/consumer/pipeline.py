@@ -1,41 +1,31 @@
-"""`meteorit-consumer`: drains the Redis queue into a database in atomic batches.
+"""The consumer's pipeline: asyncio tasks joined by bounded queues, the Python form of
+goroutines and channels:
 
-Owns: the command line, the consumer's process (signals, exit codes, progress) and the
-pipeline of asyncio tasks joined by bounded queues, the Python form of goroutines and
-channels:
-
-    fetch:  pop a batch (meteorit.batches) -> decode it (meteorit.rows) -> `fetched` queue
+    fetch:  pop a batch (consumer.batches) -> decode it (consumer.rows) -> `fetched` queue
     store:  `consumer.concurrency` batches in hand at most; the sink's writers commit them
-            (meteorit.sinks) -> ack, with the batch's dead letters
+            (consumer.sink) -> ack, with the batch's dead letters
     lease:  renews this consumer's lease; recovers the batches of consumers that are gone
-    report: a live line on a terminal, counters in the log otherwise
+    report: consumer.progress, from the counters the store task adds to
 
-Must not touch: the Redis keys (meteorit.batches) or the databases (meteorit.sinks).
+Owns: the Consumer (its tasks, queues, retries, lease and stop), the batches in hand and
+the exit code. Must not touch: the Redis keys (consumer.batches), the databases (the sink
+modules), the command line or the process's signal handlers (consumer.command).
 
 Failures never lose a batch: Redis or the sink being down means a retry with backoff,
-the batch staying in hand (and in its in-flight list). TERM or INT stops fetching, lets
-the batches in hand be committed and acknowledged, unregisters and exits 0; if the sink
-is still down STOP_TIMEOUT later (or at a second signal), the batches left are pushed
-back to the head of the queue and the exit code is 1. A call that hangs (a sink waiting
-on a lock) is cancelled at that moment too: a stop never waits on the sink for longer.
-A sink gone for good (SinkFailed: stdout closed) stops the consumer the same way, exit 1.
-
-    meteorit-consumer [-c FILE] [--sink URL] [--batch N] [--concurrency N] [--once]
-                      [--redis URL] [--name NAME]
+the batch staying in hand (and in its in-flight list). A stop (`handle_stop`: TERM or
+INT) stops fetching, lets the batches in hand be committed and acknowledged, unregisters
+and exits 0; if the sink is still down STOP_TIMEOUT later (or at a second stop), the
+batches left are pushed back to the head of the queue and the exit code is 1. A call
+that hangs (a sink waiting on a lock) is cancelled at that moment too: a stop never
+waits on the sink for longer. A sink gone for good (SinkFailed: stdout closed) stops the
+consumer the same way, exit 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
 import logging
-import os
-import signal
-import socket
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import redis.asyncio
@@ -43,30 +33,24 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .. import __version__, config
-from .. import log as logsetup
-from ..errors import ConfigError
+from .. import config
 from .batches import Batch, BatchQueue
-from .ndjson import NdjsonSink
-from .postgresql import PostgresSink
+from .progress import Counters, Progress
 from .rows import WIDTH, Rows, dead_letter, decode
 from .sink import Sink, SinkFailed, SinkUnavailable, Written
-from .sqlite import SqliteSink
 
 log = logging.getLogger("meteorit.consumer")
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # config error, or batches left unstored at exit; argparse exits 2
+EXIT_FAILED = 1  # batches left unstored at exit (the command: a config error too; argparse exits 2)
 STOP_TIMEOUT = 30.0  # after TERM, how long the batches in hand may wait for the sink
 LAST_TRY = 2.0  # a call made once stopping is given up (an ack of a stored batch) gets this long
 CANCEL_WAIT = 1.0  # for a cancelled call to clean up (asyncpg cancelling its COPY)
 CANCEL_ROUNDS = 3
-STALL_SHARE = 2 / 3  # of consumer.lease: a database statement taking longer is stuck
 DUPLICATE_IDS_LOGGED = 20
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 IDLE_MIN, IDLE_MAX = 0.01, 0.5  # polling an empty queue, doubling up to the max
 ONCE_IDLE_MAX = 0.1
-LIVE_EVERY = 0.5  # seconds between refreshes of the terminal line
 ERROR_CHARS = 160  # of an error message in the log
 RETRYABLE = (RedisError, OSError, SinkUnavailable)
 
@@ -75,28 +59,6 @@ T = TypeVar("T")
 
 class Abandoned(Exception):
     """Stopping took longer than STOP_TIMEOUT (or a second signal came): give up retrying."""
-
-
-# Signals that came before the event loop could take them (see main).
-_early_signals: list[str] = []
-
-
-def record_early_signal(signum: int, frame: Any) -> None:
-    _early_signals.append(signal.Signals(signum).name)
-
-
-@dataclass
-class Counters:
-    started: float = field(default_factory=time.monotonic)
-    stored: int = 0  # rows new in the sink
-    duplicates: int = 0  # rows the sink already had (a redelivered batch)
-    dead: int = 0
-    batches: int = 0
-    newest_received_at: int = 0  # ms, of the newest stored event
-
-    def as_log(self) -> dict[str, Any]:
-        return {"stored": self.stored, "duplicates": self.duplicates, "dead_letters": self.dead,
-                "batches": self.batches}
 
 
 class Consumer:
@@ -108,9 +70,10 @@ class Consumer:
         self.sink = sink
         self.id = consumer_id
         self.once = once
-        self.live = live
         self.batch_size = cfg.consumer.batch
         self.counters = Counters()
+        self.progress = Progress(self.counters, self._depth, lambda: len(self.holding), live=live,
+                                 every=cfg.consumer.stats_interval, sink_on_stdout=sink.to_stdout)
         url = cfg.redis_connect_url
         self.client = redis.asyncio.Redis.from_url(
             url, socket_timeout=cfg.redis.timeout, socket_connect_timeout=cfg.redis.timeout,
@@ -140,11 +103,8 @@ class Consumer:
         asyncio.get_running_loop().call_later(STOP_TIMEOUT, self.abandon.set)
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.handle_stop, sig.name)
-        for name in _early_signals:
-            self.handle_stop(name)
+        """Start up, drain until stopped (or, --once, until nothing is left), shut down; the
+        exit code. The caller routes TERM and INT to handle_stop."""
         log.info("consumer starting", extra={
             "queue": self.cfg.redis.queue, "sink": self.sink.kind, "batch": self.batch_size,
             "concurrency": self.cfg.consumer.concurrency, "once": self.once})
@@ -157,9 +117,9 @@ class Consumer:
                 await self._retry(what, step, give_up=self.stopping)
         except Abandoned:  # stopped before anything was popped
             await self._shutdown()
-            self._summary()
+            self.progress.summary()
             return EXIT_OK
-        helpers = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._report())]
+        helpers = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self.progress.run())]
         pipeline = [asyncio.create_task(self._fetch())]
         pipeline += [asyncio.create_task(self._store()) for _ in range(self.sink.writers)]
         failure: BaseException | None = None
@@ -175,7 +135,7 @@ class Consumer:
         elif failure is not None:  # a bug: the same
             log.error("consumer failed", exc_info=failure)
         left = await self._shutdown()
-        self._summary()
+        self.progress.summary()
         return EXIT_OK if not left and failure is None else EXIT_FAILED
 
     async def _shutdown(self) -> int:
@@ -293,7 +253,7 @@ class Consumer:
                                               give_up=stop)
         return not self._waiting_for
 
-    # --- lease and progress
+    # --- lease
 
     async def _keep_lease(self) -> None:
         lease = self.cfg.consumer.lease
@@ -309,55 +269,12 @@ class Consumer:
             except RETRYABLE as exc:
                 self._failed("renew the lease", exc)
 
-    async def _report(self) -> None:
-        every = LIVE_EVERY if self.live else self.cfg.consumer.stats_interval
-        last_stored, last_time = 0, time.monotonic()
+    async def _depth(self) -> int | None:
+        """The queue's length for the progress report; None while Redis cannot say."""
         try:
-            while True:
-                await asyncio.sleep(every)
-                now = time.monotonic()
-                rate = (self.counters.stored - last_stored) / max(now - last_time, 1e-9)
-                last_stored, last_time = self.counters.stored, now
-                try:
-                    depth: int | None = await self.queue.depth()
-                except RETRYABLE:
-                    depth = None
-                self._progress(rate, depth)
-        finally:
-            if self.live:
-                sys.stderr.write("\n")
-                sys.stderr.flush()
-
-    def _lag(self, depth: int | None) -> float | None:
-        """Seconds behind the newest stored event; 0 once caught up (nothing queued or in hand)."""
-        if depth == 0 and not self.holding:
-            return 0.0
-        newest = self.counters.newest_received_at
-        return max(0.0, time.time() - newest / 1000) if newest else None
-
-    def _progress(self, rate: float, depth: int | None) -> None:
-        c = self.counters
-        lag = self._lag(depth)
-        if self.live:
-            line = (f"{rate:>10,.0f} events/s  queue {'?' if depth is None else f'{depth:,}'}  "
-                    f"lag {'-' if lag is None else f'{lag:.1f}s'}  stored {c.stored:,}  "
-                    f"dead {c.dead:,}  in hand {len(self.holding)}")
-            sys.stderr.write("\r\x1b[K" + line)
-            sys.stderr.flush()
-        else:
-            log.info("progress", extra={**c.as_log(), "events_per_s": round(rate), "queue_depth": depth,
-                                        "lag_s": None if lag is None else round(lag, 3)})
-
-    def _summary(self) -> None:
-        c = self.counters
-        elapsed = time.monotonic() - c.started
-        log.info("consumer stopped", extra={**c.as_log(), "seconds": round(elapsed, 3)})
-        text = (f"meteorit-consumer: stored {c.stored} events in {c.batches} batches, "
-                f"{c.duplicates} duplicates skipped, {c.dead} dead letters, {elapsed:.2f} s, "
-                f"{c.stored / max(elapsed, 1e-9):,.0f} events/s\n")
-        out = sys.stderr if self.sink.to_stdout else sys.stdout
-        out.write(text)
-        out.flush()
+            return await self.queue.depth()
+        except RETRYABLE:
+            return None
 
     # --- retries
 
@@ -460,69 +377,3 @@ def brief(exc: BaseException) -> str:
     """An error for the log, cut short: a driver's message may quote the data."""
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS] + "..."
-
-
-# --- command line
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meteorit-consumer",
-                                description="Drain meteorit's Redis queue into SQLite, PostgreSQL or NDJSON.")
-    p.add_argument("-c", "--config", metavar="FILE", default=os.environ.get("METEORIT_CONFIG"),
-                   help="TOML config file (default: $METEORIT_CONFIG, else built-in defaults)")
-    p.add_argument("--sink", metavar="URL", help="sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:- "
-                   "(overrides consumer.sink)")
-    p.add_argument("--batch", type=int, metavar="N", help="records per batch (overrides consumer.batch)")
-    p.add_argument("--concurrency", type=int, metavar="N",
-                   help="batches in hand at once (overrides consumer.concurrency)")
-    p.add_argument("--once", action="store_true", help="drain what is there, print a summary and exit")
-    p.add_argument("--redis", metavar="URL", help="Redis URL or \"embedded\" (overrides redis.url)")
-    p.add_argument("--name", help="consumer name (overrides consumer.name)")
-    p.add_argument("--version", action="version", version=f"meteorit-consumer {__version__}")
-    return p
-
-
-def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
-    """The sink `consumer.sink` names. `stall`: seconds a database statement may take
-    before it counts as stuck."""
-    spec = config.parse_sink_url(url)
-    if spec.kind == "sqlite":
-        return SqliteSink(spec.target, table, spec.timeout)
-    if spec.kind == "postgresql":
-        return PostgresSink(spec.target, table, writers, stall)
-    return NdjsonSink(spec.target)
-
-
-def consumer_id(name: str) -> str:
-    return f"{name or socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    # First: a TERM during start-up is a stop like any other (exit 0), not a kill. The
-    # handler only records it; Consumer.run acts on it once the event loop runs.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, record_early_signal)
-    args = parser().parse_args(argv)
-    overrides = {"consumer.sink": args.sink, "consumer.batch": args.batch,
-                 "consumer.concurrency": args.concurrency, "redis.url": args.redis, "consumer.name": args.name}
-    try:
-        cfg = config.load(args.config, overrides=overrides)
-    except ConfigError as exc:
-        print(f"meteorit-consumer: config error: {exc.key}: {exc.reason}", file=sys.stderr)
-        return EXIT_FAILED
-    ident = consumer_id(cfg.consumer.name)
-    logsetup.setup(cfg.log.level, cfg.log.format)
-    logsetup.set_role("consumer", consumer=ident)
-    sink = open_sink(cfg.consumer.sink, cfg.consumer.table, cfg.consumer.concurrency,
-                     stall=cfg.consumer.lease * STALL_SHARE)
-    # The sink's writer thread runs with the GIL released while SQLite inserts a batch,
-    # then needs it back: a short switch interval keeps it from waiting 5 ms on the
-    # decoding thread each time.
-    sys.setswitchinterval(0.0005)
-    gc.freeze()  # what exists now lives as long as the process: keep it out of collections
-    consumer = Consumer(cfg, sink, ident, once=args.once, live=sys.stderr.isatty())
-    return asyncio.run(consumer.run())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
