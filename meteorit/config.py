@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs
 
 from redis.connection import parse_url as parse_redis_url
 
@@ -33,6 +34,8 @@ EMBEDDED = "embedded"
 HOT = "hot"  # sent to the running workers, applied between requests
 REPLACE = "replace"  # workers are replaced one at a time (new one ready, then old one QUIT)
 RESTART = "restart"  # cannot change while running: the reload is refused
+SQLITE_TIMEOUT = 5.0  # seconds a SQLite sink waits for another process's write lock
+SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -147,15 +150,59 @@ def module_list(value: Any) -> list[str]:
     return list(value)
 
 
+@dataclass(frozen=True)
+class SinkUrl:
+    """A checked `consumer.sink`; the consumer opens its sink from this."""
+
+    kind: str  # "sqlite", "postgresql" or "ndjson"
+    target: str  # a path, a DSN, or "-"
+    timeout: float = SQLITE_TIMEOUT
+
+
+def parse_sink_url(url: str) -> SinkUrl:
+    """Check a sink URL; ValueError names what is wrong. The grammar of a setting, so it is
+    declared here: `meteorit -t` checks it without importing the consumer."""
+    if url.startswith("sqlite:///"):
+        path, _, query = url[len("sqlite:///"):].partition("?")
+        if not path:
+            raise ValueError(f"no database path in {url!r} (sqlite:///relative.db or sqlite:////abs.db)")
+        params = parse_qs(query, strict_parsing=bool(query)) if query else {}
+        unknown = set(params) - {"timeout"}
+        if unknown:
+            raise ValueError(f"unknown sqlite parameter {sorted(unknown)[0]!r} (known: timeout)")
+        timeout = SQLITE_TIMEOUT
+        if "timeout" in params:
+            try:
+                timeout = float(params["timeout"][-1])
+            except ValueError:
+                raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
+            if not timeout >= 0:
+                raise ValueError(f"timeout must be >= 0 in {url!r}")
+        return SinkUrl("sqlite", path, timeout)
+    if url.startswith(("postgresql://", "postgres://")):
+        return SinkUrl("postgresql", url)
+    if url.startswith("ndjson:"):
+        target = url[len("ndjson:"):]
+        if not target:
+            raise ValueError("ndjson needs a path or - (stdout): ndjson:/var/events.ndjson")
+        return SinkUrl("ndjson", target)
+    raise ValueError(f"unknown sink {url!r}: use sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-")
+
+
+def check_table(name: str) -> str:
+    """A table name goes into SQL text (no database binds identifiers): a plain identifier only."""
+    if not SQL_IDENTIFIER.match(name):
+        raise ValueError(f"must be a plain SQL identifier (letters, digits, _), got {name!r}")
+    return name
+
+
 def sink_url(value: Any) -> str:
     """A meteorit-consumer sink: sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-."""
-    from .consumer.sinks import parse_sink_url  # the sinks own their URL grammar
     parse_sink_url(non_empty_str(value))
     return value
 
 
 def sql_table(value: Any) -> str:
-    from .consumer.sinks import check_table
     return check_table(non_empty_str(value))
 
 

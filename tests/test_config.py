@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from meteorit.config import load, parse_listen_address, size
+from meteorit.config import SQLITE_TIMEOUT, SinkUrl, check_table, load, parse_listen_address, parse_sink_url, size
 from meteorit.errors import ConfigError
 
 WriteConfig = Callable[[str], str]
@@ -245,6 +245,60 @@ def test_bad_listen_addresses_are_rejected(address: str) -> None:
     with pytest.raises(ValueError, match="listen address"):
         parse_listen_address(address)
     assert error_of(env={"METEORIT_LISTEN": address or ","}).key == "server.listen"
+
+
+# --- the consumer's sink URL and table: declared here, so `meteorit -t` checks them too
+
+
+@pytest.mark.parametrize("url, parsed", [
+    ("sqlite:///var/meteorit.db", SinkUrl("sqlite", "var/meteorit.db", SQLITE_TIMEOUT)),
+    ("sqlite:////var/lib/meteorit/events.db", SinkUrl("sqlite", "/var/lib/meteorit/events.db")),
+    ("sqlite:///x.db?timeout=0.5", SinkUrl("sqlite", "x.db", 0.5)),
+    ("sqlite:///x.db?timeout=0", SinkUrl("sqlite", "x.db", 0.0)),
+    ("postgresql://app@db:5432/analytics", SinkUrl("postgresql", "postgresql://app@db:5432/analytics")),
+    ("postgres://db/analytics", SinkUrl("postgresql", "postgres://db/analytics")),
+    ("ndjson:-", SinkUrl("ndjson", "-")),
+    ("ndjson:/var/events.ndjson", SinkUrl("ndjson", "/var/events.ndjson")),
+])
+def test_sink_urls_parse(write_config: WriteConfig, url: str, parsed: SinkUrl) -> None:
+    assert parse_sink_url(url) == parsed
+    assert load(write_config(f'[consumer]\nsink = "{url}"\n'), env={}).consumer.sink == url
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("mysql://db/events", "unknown sink 'mysql://db/events': use sqlite:///PATH"),
+    ("sqlite://x.db", "unknown sink"),
+    ("sqlite:///", "no database path"),
+    ("sqlite:///?timeout=1", "no database path"),
+    ("sqlite:///x.db?timeout=soon", "timeout must be a number of seconds"),
+    ("sqlite:///x.db?timeout=-1", "timeout must be >= 0"),
+    ("sqlite:///x.db?timeout=nan", "timeout must be >= 0"),
+    ("sqlite:///x.db?mode=ro", "unknown sqlite parameter 'mode' (known: timeout)"),
+    ("sqlite:///x.db?timeout", "bad query field"),
+    ("ndjson:", "ndjson needs a path or - (stdout)"),
+    ("", "must be a non-empty string"),
+])
+def test_a_bad_sink_url_names_consumer_sink_and_the_reason(write_config: WriteConfig, url: str,
+                                                           reason: str) -> None:
+    error = error_of(write_config(f'[consumer]\nsink = "{url}"\n'), env={})
+    assert error.key == "consumer.sink" and reason in error.reason
+    assert error_of(env={}, overrides={"consumer.sink": url}).key == "consumer.sink"  # --sink URL
+
+
+@pytest.mark.parametrize("table", ["events", "_events_2", "E" * 63])
+def test_a_table_is_a_plain_sql_identifier(write_config: WriteConfig, table: str) -> None:
+    assert check_table(table) == table
+    assert load(write_config(f'[consumer]\ntable = "{table}"\n'), env={}).consumer.table == table
+
+
+@pytest.mark.parametrize("table", ["events; DROP TABLE x", "2events", "my-events", "\"events\"", "E" * 64,
+                                   "événements"])
+def test_a_table_that_is_not_a_plain_identifier_is_rejected(write_config: WriteConfig, table: str) -> None:
+    with pytest.raises(ValueError, match="plain SQL identifier"):
+        check_table(table)
+    error = error_of(env={}, overrides={"consumer.table": table})
+    assert error.key == "consumer.table" and "plain SQL identifier" in error.reason
+    assert error_of(env={}, overrides={"consumer.table": ""}).reason.startswith("must be a non-empty string")
 
 
 # --- the real command line: meteorit -t

@@ -31,7 +31,8 @@ from meteorit.consumer.batches import BatchQueue
 from meteorit.record import IdGenerator
 from meteorit.record import encode as records
 from meteorit.consumer.postgresql import PostgresSink
-from meteorit.consumer.sinks import SqliteSink, Written
+from meteorit.consumer.sink import Written
+from meteorit.consumer.sqlite import SqliteSink
 
 CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
 QUEUE = "meteorit:events"
@@ -334,7 +335,8 @@ def test_sqlite_locked_retries_with_backoff_and_loses_nothing(
         holder.execute("ROLLBACK")
         holder.close()
     wait_until(lambda: sqlite_count(db) == 3000, 20, "every event stored after the lock went")
-    assert c.logs("can store a batch again")
+    # logged once the commit returns to the event loop: a moment after the rows show
+    wait_until(lambda: c.logs("can store a batch again"), 20, "the recovery logged")
     assert c.proc is not None
     c.proc.send_signal(signal.SIGTERM)
     assert c.wait() == 0

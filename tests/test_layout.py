@@ -78,6 +78,48 @@ def test_the_rule_checker_sees_a_violation() -> None:
     assert "meteorit.errors" in MODULES["meteorit.bus.ipc"]  # `from ..errors import` resolved
 
 
+def import_cycles(modules: dict[str, set[str]], package: str) -> list[list[str]]:
+    """The groups of `package`'s modules that import each other round in a circle (a cycle
+    works by accident of import order, and cannot be split along its modules)."""
+    inside = {m for m in modules if in_package(m, package)}
+    graph = {m: sorted(d for d in modules[m] if d in inside and d != m) for m in sorted(inside)}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return seen
+
+    reached = {m: reach(m) for m in graph}
+    groups = {tuple(sorted({m} | {o for o in reached[m] if m in reached[o]})) for m in graph if m in reached[m]}
+    return sorted(list(g) for g in groups)
+
+
+def test_the_consumer_modules_import_each_other_without_a_cycle() -> None:
+    """One module per sink: each imports what sinks share (consumer.sink), never another sink
+    nor the command that picks one."""
+    assert import_cycles(MODULES, "meteorit.consumer") == []
+    sinks = ("meteorit.consumer.sqlite", "meteorit.consumer.ndjson", "meteorit.consumer.postgresql")
+    assert violations(MODULES, "meteorit.consumer.sink", sinks + ("meteorit.consumer.command",)) == []
+    for sink in sinks:
+        others = tuple(s for s in sinks if s != sink) + ("meteorit.consumer.command", "meteorit.consumer.pipeline")
+        assert violations(MODULES, sink, others) == []
+
+
+def test_the_cycle_checker_sees_a_cycle() -> None:
+    planted = {"meteorit.consumer.sink": {"meteorit.consumer.sqlite", "meteorit.config"},
+               "meteorit.consumer.sqlite": {"meteorit.consumer.rows", "meteorit.consumer.sink"},
+               "meteorit.consumer.rows": set(), "meteorit.config": {"meteorit.consumer.rows"},
+               "meteorit.consumer.a": {"meteorit.consumer.b"}, "meteorit.consumer.b": {"meteorit.consumer.c"},
+               "meteorit.consumer.c": {"meteorit.consumer.a"}}
+    assert import_cycles(planted, "meteorit.consumer") == [
+        ["meteorit.consumer.a", "meteorit.consumer.b", "meteorit.consumer.c"],
+        ["meteorit.consumer.sink", "meteorit.consumer.sqlite"]]
+
+
 def test_only_the_writer_and_the_spool_talk_to_redis_on_the_ingest_side() -> None:
     def uses_redis(path: Path) -> bool:
         for node in ast.walk(ast.parse(path.read_text())):

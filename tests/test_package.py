@@ -21,8 +21,8 @@ from typing import Iterator
 import pytest
 
 from conftest import free_port
+from meteorit.config import SinkUrl, parse_sink_url
 from meteorit.config import load as load_config
-from meteorit.consumer.sinks import SinkUrl, parse_sink_url
 from test_systemd import NotifySocket
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@ acknowledged once the sink committed them, and put back when their consumer is g
 
 Owns: the Lua scripts (SCRIPT LOAD once, then EVALSHA; loaded again on NOSCRIPT), the key
 layout below, this consumer's lease and the dead-letter list. Must not touch: decoding
-or storing records (meteorit.rows and meteorit.sinks do that).
+or storing records (consumer.rows and the sink modules do that).
 
 Keys, for the queue Q (`redis.queue`) and a consumer id C (unique per process):
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL sink (postgresql://user@host:port/db or postgres://), for meteorit.sinks.
+"""The PostgreSQL sink: postgresql://user@host:port/db (or postgres://).
 
 Owns: the events table in PostgreSQL and how a batch gets there. Must not touch: Redis.
 
@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
+from ..config import check_table
 from .rows import WIDTH, Rows
-from .sinks import SinkUnavailable, Written, check_table, refused
+from .sink import SinkUnavailable, Written, refused
 
 log = logging.getLogger("meteorit.sinks")
 

@@ -1,35 +1,24 @@
-"""Sinks: where the consumer stores decoded batches. One `write` commits one batch whole.
+"""The SQLite sink: sqlite:///relative/path.db or sqlite:////absolute/path.db
+[?timeout=SECONDS], the embedded default.
 
-Owns: the sink URLs, the events table (id, type, ts, received_at, event; indexes on type
-and received_at) and how each database gets a batch in bulk. Must not touch: Redis.
+Owns: the events table in SQLite (id, type, ts, received_at, event; indexes on type and
+received_at), its WAL and how a batch gets there. Must not touch: Redis.
 
-    sqlite:///relative/path.db  sqlite:////absolute/path.db  [?timeout=SECONDS]
-        WAL, synchronous=NORMAL, one transaction per batch, INSERT OR IGNORE on id.
-        Rows go in multi-row INSERTs run on a writer thread: one sqlite3_step inserts
-        thousands of rows with the GIL released, so decoding the next batch overlaps it.
-        Checkpoints run on a thread and connection of their own, every CHECKPOINT_BYTES
-        of records (PASSIVE: they never block the writer) instead of inside the writer's
-        commits. But a checkpoint beside a writer that never pauses never catches up with
-        it, and the WAL only starts again from its beginning once it is wholly
-        checkpointed (a 1M drain left a 399 MB WAL): so once a checkpoint finds
-        WAL_REWIND_BYTES in the WAL (or REWIND_RECORD_BYTES of records were stored), the
-        writer thread itself checkpoints the rest between two batches (little: the other
-        thread did the bulk), and the next batch rewinds the WAL, which stays near 50 MB;
-        journal_size_limit trims a file grown larger.
-        `timeout` is how long a writer waits for another process's write lock (default 5 s).
-    postgresql://user@host:port/db  (or postgres://)
-        meteorit.pgsink: asyncpg, binary COPY, `consumer.concurrency` connections.
-    ndjson:PATH  ndjson:-
-        one record per line, appended (fsync per batch) or to stdout; redelivered
-        batches are written again (at-least-once: dedupe by id when reading). A batch
-        that fails half written is cut off the file before the retry, so no torn line
-        and no half batch twice (one consumer per file). A closed stdout (the reader of
-        `| head` is gone) is SinkFailed: nothing can ever be written there again.
+WAL, synchronous=NORMAL, one transaction per batch, INSERT OR IGNORE on id. Rows go in
+multi-row INSERTs run on a writer thread: one sqlite3_step inserts thousands of rows
+with the GIL released, so decoding the next batch overlaps it.
 
-Errors: `SinkUnavailable` (retry later, nothing was stored), `SinkFailed` (stop: the
-sink is gone for good) or, from `write`, rows the database refuses as data (a number
-out of range, a string too long for an index...): the batch is then stored row by row,
-and the refused rows are returned as rejected, for the dead-letter list.
+Checkpoints run on a thread and connection of their own, every CHECKPOINT_BYTES of
+records (PASSIVE: they never block the writer) instead of inside the writer's commits.
+But a checkpoint beside a writer that never pauses never catches up with it, and the WAL
+only starts again from its beginning once it is wholly checkpointed (a 1M drain left a
+399 MB WAL): so once a checkpoint finds WAL_REWIND_BYTES in the WAL (or
+REWIND_RECORD_BYTES of records were stored), the writer thread itself checkpoints the
+rest between two batches (little: the other thread did the bulk), and the next batch
+rewinds the WAL, which stays near 50 MB; journal_size_limit trims a file grown larger.
+
+`timeout` is how long a writer waits for another process's write lock (default 5 s,
+config.SQLITE_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -37,23 +26,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sqlite3
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
-from urllib.parse import parse_qs
+from typing import Any
 
-import orjson
-
-from ..errors import MeteoritError
+from ..config import SQLITE_TIMEOUT, check_table
 from .rows import WIDTH, Rows
+from .sink import SinkUnavailable, Written, refused
 
 log = logging.getLogger("meteorit.sinks")
 
-SQLITE_TIMEOUT = 5.0
 MAX_ROWS_PER_INSERT = 8192  # a power of two; statement sizes are powers of two up to it
 CHECKPOINT_BYTES = 4 << 20  # of records stored between PASSIVE checkpoints on their own thread
 # The WAL starts again from its beginning once the last checkpoint found this much in it,
@@ -64,97 +47,6 @@ WAL_SIZE_LIMIT = 64 << 20  # journal_size_limit: the WAL file is cut to this whe
 REWIND_WAIT_MS = 100  # for other connections' transactions to end before a rewind; else later
 # Errors that mean "this row's data", not "the database": the batch goes in row by row.
 SQLITE_ROW_ERRORS = (OverflowError, ValueError, sqlite3.DataError)
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-REASON_CHARS = 300  # of a database's message in a dead letter's reason
-
-
-class SinkUnavailable(MeteoritError):
-    """The sink cannot take a batch now (down, locked, full); nothing of it was stored."""
-
-
-class SinkFailed(MeteoritError):
-    """The sink can never take anything again (stdout closed): the consumer must stop."""
-
-
-@dataclass
-class Written:
-    """The outcome of one committed batch."""
-
-    inserted: int  # new rows; the rest of the batch were duplicates by id
-    rejected: list[tuple[bytes, str]]  # (record, reason) the database refused as data
-
-
-class Sink(Protocol):
-    kind: str
-    writers: int  # batches it can commit at once
-    to_stdout: bool
-
-    async def open(self) -> None: ...
-
-    async def write(self, rows: Rows) -> Written: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SinkUrl:
-    kind: str  # "sqlite", "postgresql" or "ndjson"
-    target: str  # a path, a DSN, or "-"
-    timeout: float = SQLITE_TIMEOUT
-
-
-def parse_sink_url(url: str) -> SinkUrl:
-    """Check a sink URL; ValueError names what is wrong."""
-    if url.startswith("sqlite:///"):
-        path, _, query = url[len("sqlite:///"):].partition("?")
-        if not path:
-            raise ValueError(f"no database path in {url!r} (sqlite:///relative.db or sqlite:////abs.db)")
-        params = parse_qs(query, strict_parsing=bool(query)) if query else {}
-        unknown = set(params) - {"timeout"}
-        if unknown:
-            raise ValueError(f"unknown sqlite parameter {sorted(unknown)[0]!r} (known: timeout)")
-        timeout = SQLITE_TIMEOUT
-        if "timeout" in params:
-            try:
-                timeout = float(params["timeout"][-1])
-            except ValueError:
-                raise ValueError(f"timeout must be a number of seconds in {url!r}") from None
-            if not timeout >= 0:
-                raise ValueError(f"timeout must be >= 0 in {url!r}")
-        return SinkUrl("sqlite", path, timeout)
-    if url.startswith(("postgresql://", "postgres://")):
-        return SinkUrl("postgresql", url)
-    if url.startswith("ndjson:"):
-        target = url[len("ndjson:"):]
-        if not target:
-            raise ValueError("ndjson needs a path or - (stdout): ndjson:/var/events.ndjson")
-        return SinkUrl("ndjson", target)
-    raise ValueError(f"unknown sink {url!r}: use sqlite:///PATH, postgresql://..., ndjson:PATH or ndjson:-")
-
-
-def check_table(name: str) -> str:
-    if not IDENTIFIER.match(name):
-        raise ValueError(f"must be a plain SQL identifier (letters, digits, _), got {name!r}")
-    return name
-
-
-def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
-    """`stall`: seconds a database statement may take before it counts as stuck."""
-    spec = parse_sink_url(url)
-    if spec.kind == "sqlite":
-        return SqliteSink(spec.target, table, spec.timeout)
-    if spec.kind == "postgresql":
-        from .postgresql import PostgresSink  # pgsink imports this module: here, not at the top
-        return PostgresSink(spec.target, table, writers, stall)
-    return NdjsonSink(spec.target)
-
-
-def refused(database: str, exc: BaseException) -> str:
-    text = f"{database} refused it: {type(exc).__name__}: {exc}"
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "..."
-
-
-# --- SQLite
 
 
 def sqlite_schema(table: str) -> str:
@@ -367,85 +259,3 @@ class SqliteSink:
             return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except sqlite3.Error as exc:  # locked, disk full, I/O error, read-only...
             raise SinkUnavailable(f"sqlite: {exc}") from exc
-
-
-# --- NDJSON
-
-
-class NdjsonSink:
-    kind = "ndjson"
-    writers = 1
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.to_stdout = target == "-"
-        self._fd: int | None = None  # the file's (not stdout's)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ndjson-writer")
-
-    async def open(self) -> None:
-        await self._run(self._open)
-
-    def _open(self) -> None:
-        if self._fd is None and not self.to_stdout:
-            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    async def write(self, rows: Rows) -> Written:
-        await self._run(self._write, rows.records)
-        return Written(len(rows.records), [])
-
-    def _write(self, records: list[bytes]) -> None:
-        data = b"\x00".join(records)
-        if b"\n" in data or b"\r" in data:  # one record per line: compact what is spread out
-            data = b"\x00".join(orjson_compact(r) for r in records)
-        data = data.replace(b"\x00", b"\n") + b"\n"
-        if self.to_stdout:
-            self._write_stdout(data)
-        else:
-            self._open()
-            assert self._fd is not None
-            self._append(self._fd, data)
-
-    @staticmethod
-    def _write_stdout(data: bytes) -> None:
-        try:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            # The reader is gone for good. What is still buffered goes nowhere at exit,
-            # instead of failing once more on the way out.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SinkFailed("ndjson: stdout is closed (its reader went away)") from None
-
-    @staticmethod
-    def _append(fd: int, data: bytes) -> None:
-        """The whole batch, or nothing: a failed write (disk full) is cut off the file,
-        so the retry leaves no torn line and no part of the batch twice."""
-        size = os.fstat(fd).st_size
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError:
-            try:
-                os.ftruncate(fd, size)
-            except OSError as exc:
-                log.error("cannot cut a half-written batch off the NDJSON file",
-                          extra={"error": str(exc), "size": size})
-            raise
-
-    async def close(self) -> None:
-        if self._fd is not None:
-            await self._run(os.close, self._fd)
-            self._fd = None
-        self._thread.shutdown()
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-        except OSError as exc:
-            raise SinkUnavailable(f"ndjson: {exc}") from exc
-
-
-def orjson_compact(record: bytes) -> bytes:
-    return orjson.dumps(orjson.loads(record))
