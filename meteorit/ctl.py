@@ -2,11 +2,12 @@
 
 Owns: the client side of the control protocol (see master/control.py), argument parsing,
 human and `--json` output, and LSB exit codes: 0 ok, 1 error, 2 bad arguments, 3 not
-running.
+running. `top` lives in ctltop.py.
 Must not touch: anything but the socket: it never signals or reads the master's files.
 
     meteoritctl [-s SOCKET | -c CONFIG] [--json] [--timeout SECONDS] COMMAND   (-s wins over -c)
       status | workers | stats | reload | scale N | stop [--graceful]
+      top [-d SECONDS] [-n N]
       broadcast NAME [DATA] [--wait SECONDS]
       send PID NAME [DATA] [--wait SECONDS]
 Options go before or after the command, in any order (the last one given wins); `--` ends
@@ -71,7 +72,7 @@ class Grammar:
         self.positionals: dict[str, list[tuple[str, Any]]] = {}
         for target, suppress in ((self.parser, False), (self.common, True)):
             # in a command, a global option left out must not reset the one given before it
-            def default(value: Any) -> Any:
+            def default(value: Any, suppress: bool = suppress) -> Any:
                 return argparse.SUPPRESS if suppress else value
             self._option(target, None, "-s", "--socket", default=default(None),
                          help="the control socket (default: from the config)")
@@ -164,6 +165,10 @@ def grammar() -> Grammar:
     g.command("status", "master and workers: pids, uptime, version, requests, restarts")
     g.command("workers", "the workers the master runs")
     g.command("stats", "every worker's counters and their sum")
+    g.command("top", "a live view of workers, rates, statuses, Redis and spools; q quits")
+    g.option("top", "-d", "--delay", type=float, default=1.0, metavar="SECONDS", help="between two refreshes")
+    g.option("top", "-n", "--iterations", type=int, metavar="N",
+             help="print N frames as plain text and exit (no terminal needed)")
     g.command("reload", "re-read the config and apply it without dropping a request")
     for name, what, reply in (("broadcast", "send an alert to every worker", "print the replies"),
                               ("send", "send an alert to one process", "print the reply")):
@@ -182,6 +187,9 @@ def grammar() -> Grammar:
 
 def main(argv: list[str] | None = None) -> int:
     args = grammar().parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "top":
+        from . import ctltop
+        return ctltop.main(args)
     try:
         path = socket_path(args)
         request = build_request(args)
