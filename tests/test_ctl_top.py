@@ -11,8 +11,9 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis as redislib
@@ -99,7 +100,8 @@ class Terminal:
         return self.tmux("capture-pane", "-p", "-t", "top")
 
     def close(self) -> None:
-        subprocess.run([TMUX or "tmux", "-L", self.server, "kill-server"], env=self.env, capture_output=True)
+        subprocess.run([TMUX or "tmux", "-L", self.server, "kill-server"], env=self.env, capture_output=True,
+                       check=False)  # gone already when the command's exit closed the session
 
 
 @pytest.fixture
