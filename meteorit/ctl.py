@@ -166,7 +166,8 @@ def grammar() -> Grammar:
     g.command("workers", "the workers the master runs")
     g.command("stats", "every worker's counters and their sum")
     g.command("top", "a live view of workers, rates, statuses, Redis and spools; q quits")
-    g.option("top", "-d", "--delay", type=float, default=1.0, metavar="SECONDS", help="between two refreshes")
+    g.option("top", "-d", "--delay", type=float, default=1.0, metavar="SECONDS",
+             help="between two refreshes (default: 1)")
     g.option("top", "-n", "--iterations", type=int, metavar="N",
              help="print N frames as plain text and exit (no terminal needed)")
     g.command("reload", "re-read the config and apply it without dropping a request")
