@@ -334,7 +334,8 @@ def test_sqlite_locked_retries_with_backoff_and_loses_nothing(
         holder.execute("ROLLBACK")
         holder.close()
     wait_until(lambda: sqlite_count(db) == 3000, 20, "every event stored after the lock went")
-    assert c.logs("can store a batch again")
+    # the consumer logs its recovery once the store call returns: after the rows are visible
+    wait_until(lambda: c.logs("can store a batch again"), 10, "the recovery to be logged")
     assert c.proc is not None
     c.proc.send_signal(signal.SIGTERM)
     assert c.wait() == 0
