@@ -1,10 +1,10 @@
 # Two commands set up a fresh machine (see README.md): `make run` and `make test`.
-# Both install what is missing first: redis-server (and wrk) with apt-get, the package
+# Both install what is missing first: redis-server (and wrk, tmux) with apt-get, the package
 # and its test extra in a virtual environment under .venv.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := redis-server wrk  # each package installs a command of the same name
+SYSTEM_PACKAGES := redis-server wrk tmux  # each package installs a command of the same name (tmux: tests/test_ctl_top.py)
 
 .PHONY: run test bench package system-deps
 

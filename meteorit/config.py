@@ -307,7 +307,9 @@ SETTINGS: tuple[Setting, ...] = (
             "A group whose members may use the control socket too (mode 0660); empty: 0600, the "
             "service's own user and root only.", reload=RESTART),
     Setting("log", "level", "info", one_of("debug", "info", "warning", "error"), "Log level.", reload=HOT),
-    Setting("log", "format", "json", one_of("json", "text"), "\"json\": one object per line; \"text\" for humans.", reload=RESTART),
+    Setting("log", "format", "auto", one_of("auto", "json", "text"),
+            "\"auto\": text when stderr is a terminal, else JSON (journald, log.file, pipes); \"json\": one "
+            "object per line; \"text\" for humans.", reload=RESTART),
     Setting("log", "file", "", str_value,
             "Append logs to this file (USR1 reopens it, for logrotate); empty: stderr (journald).", reload=RESTART),
     # [consumer]: read by meteorit-consumer at its start; the master and workers ignore them

@@ -1,15 +1,19 @@
 """`meteoritctl`: drive a running meteorit through its control socket.
 
-Owns: the client side of the control protocol (see control.py), argument parsing, human
-and `--json` output, and LSB exit codes: 0 ok, 1 error, 2 bad arguments, 3 not running.
+Owns: the client side of the control protocol (see master/control.py), argument parsing,
+human and `--json` output, and LSB exit codes: 0 ok, 1 error, 2 bad arguments, 3 not
+running. `top` lives in ctltop.py.
 Must not touch: anything but the socket: it never signals or reads the master's files.
 
-    meteoritctl [-s SOCKET | -c CONFIG] [--json] COMMAND    (-s wins over -c)
+    meteoritctl [-s SOCKET | -c CONFIG] [--json] [--timeout SECONDS] COMMAND   (-s wins over -c)
       status | workers | stats | reload | scale N | stop [--graceful]
+      top [-d SECONDS] [-n N]
       broadcast NAME [DATA] [--wait SECONDS]
       send PID NAME [DATA] [--wait SECONDS]
-DATA is text, `@FILE` (the file's bytes) or `-` (standard input), so alerts larger than a
-command line work.
+Options go before or after the command, in any order (the last one given wins); `--` ends
+the options, so `broadcast NAME -- --DATA` sends a DATA that starts with a dash. DATA is
+text, `@FILE` (the file's bytes) or `-` (standard input), so alerts larger than a command
+line work.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import base64
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import tomllib
@@ -43,37 +48,149 @@ class NotRunning(Exception):
     pass
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meteoritctl", description="Control a running meteorit.")
-    p.add_argument("-s", "--socket", help="the control socket (default: from the config)")
-    p.add_argument("-c", "--config", default=os.environ.get("METEORIT_CONFIG"),
-                       help="the config file whose [control] socket to use (default: $METEORIT_CONFIG)")
-    p.add_argument("--json", action="store_true", help="print the reply as JSON")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up waiting for the reply")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="master and workers: pids, uptime, version, requests, restarts")
-    sub.add_parser("workers", help="the workers the master runs")
-    sub.add_parser("stats", help="every worker's counters and their sum")
-    sub.add_parser("reload", help="re-read the config and apply it without dropping a request")
-    b = sub.add_parser("broadcast", help="send an alert to every worker")
-    b.add_argument("name")
-    b.add_argument("data", nargs="?", default="", help="text, @FILE or - for stdin")
-    b.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="print the replies")
-    s = sub.add_parser("send", help="send an alert to one process")
-    s.add_argument("pid", type=int)
-    s.add_argument("name")
-    s.add_argument("data", nargs="?", default="", help="text, @FILE or - for stdin")
-    s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="print the reply")
-    n = sub.add_parser("scale", help="run N workers (started, or stopped gracefully)")
-    n.add_argument("workers", type=int)
-    st = sub.add_parser("stop", help="stop meteorit (fast, or --graceful)")
-    st.add_argument("--graceful", action="store_true", help="finish in-flight requests first")
-    return p
+# Why a scanner before argparse: argparse cannot take options after a subcommand's
+# positionals and then more positionals (`send PID NAME --wait 2 DATA`), nor the parent's
+# options after the subcommand, and Python 3.11's argparse drops an argument that is
+# literally `--`. So `arguments` moves every option ahead of the positionals itself, and
+# hands argparse `COMMAND OPTIONS -- POSITIONALS`: the same grammar, in one order it parses.
+
+Arities = dict[str, bool]  # option string -> takes a value
+
+
+class Grammar:
+    """The parser, and what the scanner must know of it: each option's arity (global ones
+    and each command's) and each command's positionals in order."""
+
+    def __init__(self) -> None:
+        self.parser = argparse.ArgumentParser(
+            prog="meteoritctl", description="Control a running meteorit.",
+            epilog="Options go before or after the command. `--` ends the options: every word "
+                   "after it is an argument, even one that starts with a dash.")
+        self.common = argparse.ArgumentParser(add_help=False)  # the global options, repeated in each command
+        self.global_arities: Arities = {}
+        self.arities: dict[str, Arities] = {}
+        self.positionals: dict[str, list[tuple[str, Any]]] = {}
+        for target, suppress in ((self.parser, False), (self.common, True)):
+            # in a command, a global option left out must not reset the one given before it
+            def default(value: Any, suppress: bool = suppress) -> Any:
+                return argparse.SUPPRESS if suppress else value
+            self._option(target, None, "-s", "--socket", default=default(None),
+                         help="the control socket (default: from the config)")
+            self._option(target, None, "-c", "--config", default=default(os.environ.get("METEORIT_CONFIG")),
+                         help="the config file whose [control] socket to use (default: $METEORIT_CONFIG)")
+            self._option(target, None, "--json", action="store_true", default=default(False),
+                         help="print the reply as JSON")
+            self._option(target, None, "--timeout", type=float, metavar="SECONDS", default=default(None),
+                         help="give up waiting for the reply")
+        self.sub = self.parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def _option(self, target: argparse.ArgumentParser, command: str | None, *flags: str, **kw: Any) -> None:
+        action = target.add_argument(*flags, **kw)
+        table = self.global_arities if command is None else self.arities[command]
+        table.update(dict.fromkeys(action.option_strings, action.nargs != 0))
+
+    def command(self, name: str, help: str) -> argparse.ArgumentParser:
+        self.arities[name] = {"-h": False, "--help": False}
+        self.positionals[name] = []
+        return self.sub.add_parser(name, help=help, parents=[self.common])
+
+    def option(self, command: str, *flags: str, **kw: Any) -> None:
+        self._option(self.sub.choices[command], command, *flags, **kw)
+
+    def positional(self, command: str, dest: str, convert: Any = str, **kw: Any) -> None:
+        self.sub.choices[command].add_argument(dest, type=convert, **kw)
+        self.positionals[command].append((dest, convert))
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        command, options, positionals = self.scan(argv)
+        if command is None:  # no command: argparse says so (or prints the help)
+            return self.parser.parse_args(argv)
+        extra = positionals[len(self.positionals[command]):]
+        if extra:  # argparse would name the `--` we add too
+            self.sub.choices[command].error(f"unrecognized arguments: {' '.join(extra)}")
+        args = self.parser.parse_args([command, *options, *(["--", *positionals] if positionals else [])])
+        for (dest, convert), raw in zip(self.positionals[command], positionals):
+            if raw == "--":  # what Python 3.11's argparse drops
+                setattr(args, dest, convert(raw))
+        return args
+
+    def scan(self, argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+        """Split argv into the command, the options (with their values, in order) and the
+        positionals after the command."""
+        command: str | None = None
+        options: list[str] = []
+        positionals: list[str] = []
+        i = 0
+        while i < len(argv):
+            word = argv[i]
+            i += 1
+            if word == "--":
+                positionals.extend(argv[i:])
+                break
+            if _is_option(word):
+                options.append(word)
+                if self._takes_value(word, command) and i < len(argv):
+                    options.append(argv[i])
+                    i += 1
+            elif command is None and word in self.sub.choices:
+                command = word
+            elif command is None:  # an unknown command: argparse names it
+                return None, [], []
+            else:
+                positionals.append(word)
+        return command, options, positionals
+
+    def _takes_value(self, word: str, command: str | None) -> bool:
+        """Whether the option `word` takes the next word as its value (not when it holds it:
+        `--wait=2`, `-s/path`; an unknown option takes none, and argparse reports it)."""
+        known = {**self.global_arities, **(self.arities.get(command, {}) if command else {})}
+        if word.startswith("--"):
+            if "=" in word:
+                return False
+            matches = [flag for flag in known if flag.startswith(word)]  # argparse's abbreviations
+            return known[word] if word in known else len(matches) == 1 and known[matches[0]]
+        return len(word) == 2 and known.get(word, False)
+
+
+def _is_option(word: str) -> bool:
+    """As argparse sees it: `-` alone (standard input) and negative numbers are not options."""
+    return word.startswith("-") and word != "-" and not _NEGATIVE_NUMBER.match(word)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def grammar() -> Grammar:
+    g = Grammar()
+    g.command("status", "master and workers: pids, uptime, version, requests, restarts")
+    g.command("workers", "the workers the master runs")
+    g.command("stats", "every worker's counters and their sum")
+    g.command("top", "a live view of workers, rates, statuses, Redis and spools; q quits")
+    g.option("top", "-d", "--delay", type=float, default=1.0, metavar="SECONDS",
+             help="between two refreshes (default: 1)")
+    g.option("top", "-n", "--iterations", type=int, metavar="N",
+             help="print N frames as plain text and exit (no terminal needed)")
+    g.command("reload", "re-read the config and apply it without dropping a request")
+    for name, what, reply in (("broadcast", "send an alert to every worker", "print the replies"),
+                              ("send", "send an alert to one process", "print the reply")):
+        g.command(name, what)
+        if name == "send":
+            g.positional(name, "pid", int)
+        g.positional(name, "name")
+        g.positional(name, "data", nargs="?", default="", help="text, @FILE or - for stdin")
+        g.option(name, "--wait", type=float, default=0.0, metavar="SECONDS", help=reply)
+    g.command("scale", "run N workers (started, or stopped gracefully)")
+    g.positional("scale", "workers", int)
+    g.command("stop", "stop meteorit (fast, or --graceful)")
+    g.option("stop", "--graceful", action="store_true", help="finish in-flight requests first")
+    return g
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+    args = grammar().parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "top":
+        from . import ctltop
+        return ctltop.main(args)
     try:
         path = socket_path(args)
         request = build_request(args)

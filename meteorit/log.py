@@ -1,6 +1,7 @@
-"""Structured logging: one JSON object per line on stderr (or `text` for humans).
+"""Structured logging: one JSON object per line, or text for a person at a terminal.
 
-Owns: the root logger's handler and format, the log file when `log.file` is set (opened
+Owns: the root logger's handler and format (`auto`: text when the lines go to a terminal,
+JSON when they go to journald, a file or a pipe, where programs read them), the log file when `log.file` is set (opened
 in append mode by every process, so lines of many processes never mix; `reopen` after
 USR1 follows a logrotate rename; never opened through a symlink: the master may be
 root), and the process's role in every line (`master`, `worker` with its slot). Never
@@ -15,7 +16,7 @@ import os
 import stat
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -100,15 +101,29 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
             old.close()
 
 
-def setup(level: str = "info", fmt: str = "json", file: str = "") -> None:
-    """Log to stderr, or to `file` when given (OSError if it cannot be opened)."""
+def setup(level: str = "info", fmt: str = "auto", file: str = "") -> None:
+    """Log to stderr, or to `file` when given (OSError if it cannot be opened). Called once
+    by the master before it forks (workers keep its handler) and once by the consumer."""
     handler: logging.Handler = ReopenableFileHandler(file) if file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(TextFormatter() if resolve_format(fmt, file, sys.stderr) == "text" else JsonFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def resolve_format(fmt: str, file: str, stream: TextIO) -> str:
+    """"json" or "text": `auto` is text only for stderr on a terminal; a log file is never
+    one, and journald, pipes and files are read by programs."""
+    if fmt != "auto":
+        return fmt
+    if file:
+        return "json"
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return "json"
 
 
 def reopen() -> str | None:

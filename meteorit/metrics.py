@@ -12,6 +12,10 @@ once per worker with a `worker` label (the worker's slot, a bounded set) and onc
 it, the service's total: the workers that answered plus the final counts of the workers
 that exited (the master keeps those), so a total does not go back when a worker is
 replaced. Select `{worker=""}` for the whole service.
+
+A snapshot also holds what a worker sees now (its Redis state, the queue length it last
+saw, its spool's unreplayed bytes: GAUGES), for `meteoritctl top`; they are not summed
+(the final counts of exited workers would keep adding them) nor exported.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 # Why a POST /v1/events was refused, by status: a small fixed set, so a label, never free text.
+# Keys of a worker snapshot that are not counters: `total` leaves them out.
+IDENTITY = ("pid", "slot", "version", "uptime_seconds")
+GAUGES = ("redis", "queue_length", "spool_bytes")
+
 REJECT_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large", 415: "unsupported_media_type",
                   429: "rate_limited", 503: "unavailable"}
 
@@ -81,7 +89,7 @@ def total(workers: list[Snapshot]) -> Snapshot:
     out: Snapshot = {}
     for snap in workers:
         for key, value in snap.items():
-            if key in ("pid", "slot", "version", "uptime_seconds"):
+            if key in IDENTITY or key in GAUGES:
                 continue
             out[key] = _add(out.get(key), value)
     return out

@@ -48,7 +48,7 @@ def test_defaults_load_without_a_file() -> None:
     assert cfg.limits.max_header_size == 16 * 1024
     assert (cfg.limits.header_timeout, cfg.limits.keepalive_timeout) == (10.0, 75.0)
     assert cfg.auth.keys == []
-    assert (cfg.log.level, cfg.log.format) == ("info", "json")
+    assert (cfg.log.level, cfg.log.format) == ("info", "auto")
 
 
 def test_a_toml_file_is_read(write_config: WriteConfig) -> None:

@@ -148,6 +148,45 @@ def test_exit_codes(served: Meteorit, tmp_path: Path) -> None:
     assert nowhere.returncode == 3 and "not running" in nowhere.stderr
 
 
+def test_global_options_work_after_the_command(served: Meteorit, tmp_path: Path) -> None:
+    done = served.ctl("status", "--json")  # it used to be a usage error (exit 2)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["master"]["pid"] == served.proc.pid
+    sock = control_path(served)
+    for argv in (["workers", "-s", sock, "--json"], ["-s", sock, "workers", "--json"],
+                 ["--json", "workers", "--timeout", "5", "-s", sock]):
+        done = served.ctl(*argv)
+        assert done.returncode == 0, (argv, done.stderr)
+        assert len(json.loads(done.stdout)["workers"]) == 2
+    nowhere = served.ctl("status", "-s", str(tmp_path / "nobody.sock"), "--json")  # -s after the command wins
+    assert nowhere.returncode == 3 and "not running" in nowhere.stderr
+    assert served.ctl("status", "--frob").returncode == 2
+
+
+def test_data_that_looks_like_an_option_goes_after_double_dash(meteorit_factory: Callable[..., Meteorit],
+                                                                 redis_server: RedisServer, tmp_path: Path) -> None:
+    """`--` ends the options: what follows reaches the workers verbatim (the probe plugin
+    echoes it back), even `--json` or `-s`, which would otherwise change meteoritctl."""
+    probe_dir = tmp_path / "probes"
+    probe_dir.mkdir()
+    tests_dir = str(Path(__file__).resolve().parent)
+    m = meteorit_factory({"redis": {"url": redis_server.url}, "server": {"plugins": ["ipc_probe"]}},
+                         env={"METEORIT_PROBE_DIR": str(probe_dir),
+                              "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])})
+    pids = set(m.worker_pids().values())
+    done = m.ctl("broadcast", "probe.echo", "--wait", "2", "--", "--json")
+    assert done.returncode == 0, done.stderr
+    assert dict(line.split(": ", 1) for line in done.stdout.splitlines()) == {str(p): "--json" for p in pids}
+    pid = min(pids)
+    done = m.ctl("send", str(pid), "probe.echo", "--json", "--wait", "2", "--", "-s")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["replies"] == [{"pid": pid, "data": "-s"}]
+    done = m.ctl("send", str(pid), "probe.echo", "-", "--wait", "2", "--json", input=b"--from stdin")
+    assert done.returncode == 0 and json.loads(done.stdout)["replies"][0]["data"] == "--from stdin", done.stderr
+    done = m.ctl("broadcast", "probe.echo", "--json", "--wait", "2")  # no DATA: --json is an option
+    assert done.returncode == 0 and {r["data"] for r in json.loads(done.stdout)["replies"]} == {""}
+
+
 def test_stop_fast_and_graceful(meteorit_factory: Callable[..., Meteorit], redis: redislib.Redis,
                                 redis_server: RedisServer) -> None:
     m = meteorit_factory({"redis": {"url": redis_server.url}})

@@ -16,6 +16,7 @@ import pytest
 import redis as redislib
 
 from conftest import Meteorit, RedisServer, wait_until
+from meteorit import metrics
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,16 @@ def test_metrics_sum_what_every_worker_counted(served: Meteorit, redis: redislib
     assert status == 200 and stats["total"]["events_accepted"] == 35
     assert stats["missing_workers"] == [] and stats["master"]["pid"] == served.proc.pid
     assert served.request("POST", "/metrics")[0] == 405
+
+
+def test_what_a_worker_sees_now_is_per_worker_never_summed() -> None:
+    """Redis state, queue length and spool bytes are gauges: a sum (with the final counts
+    of exited workers in it) would be meaningless, so totals leave them out."""
+    up = {"pid": 1, "slot": 0, "events_accepted": 2, "redis": "up", "queue_length": 5, "spool_bytes": 0}
+    down = {"pid": 2, "slot": 1, "events_accepted": 1, "redis": "down", "queue_length": None, "spool_bytes": 9}
+    assert metrics.total([up, down]) == {"events_accepted": 3}
+    doc = metrics.stats_document([up, down], [], {"retired": {"events_accepted": 4}, "retired_pids": []})
+    assert doc["total"] == {"events_accepted": 7} and doc["workers"][1]["spool_bytes"] == 9
 
 
 def test_a_worker_that_does_not_answer_is_reported_missing(served: Meteorit) -> None:

@@ -266,7 +266,9 @@ class Worker:
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "connections": len(self.state.connections),
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
-            "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed})
+            "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
+            "redis": self.writer.redis_state, "queue_length": self.writer.queue_length,
+            "spool_bytes": self.writer.spool_bytes})
 
     async def _collect_stats(self) -> metrics.Snapshot:
         """Every worker's counters over the bus, and the master's: for /metrics and /v1/stats."""

@@ -95,6 +95,7 @@ class RedisWriter:
         self.ready = True
         self.slow = False
         self.queue_full = False
+        self.queue_length: int | None = None  # as the last RPUSH reply or LLEN said (meteoritctl top)
         self.closed = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -156,6 +157,17 @@ class RedisWriter:
         if self.spool is None:
             return "redis unreachable"
         return None if self.spool.accepting else "redis unavailable and the spool cannot take events"
+
+    @property
+    def redis_state(self) -> str:
+        """One word for `meteoritctl top`: down (unreachable), slow (an RPUSH past the
+        deadline), full (the queue over max_queue_length) or up."""
+        return "down" if not self.ready else "slow" if self.slow else "full" if self.queue_full else "up"
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of this worker's spool not replayed into Redis yet."""
+        return self.spool.backlog if self.spool is not None else 0
 
     def spool_in_memory(self) -> int:
         """Hand every request still held in memory (the RPUSH in flight included) to the
@@ -312,6 +324,8 @@ class RedisWriter:
         return None
 
     def _saw_queue_length(self, length: object) -> None:
+        if isinstance(length, int):
+            self.queue_length = length
         if not self.max_queue_length or not isinstance(length, int):
             return
         full = length > self.max_queue_length
