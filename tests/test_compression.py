@@ -20,7 +20,7 @@ BODY = b'[{"type":"pageview","url":"https://shop.example/"},{"type":"click","n":
 LIMIT = 1024 * 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bomb(mib: int) -> bytes:
     """`mib` MiB of zeros, gzipped: about a thousandth of that, built a MiB at a time."""
     packer = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS)

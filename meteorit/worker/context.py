@@ -19,13 +19,13 @@ a `context` that is not an object is refused (400), as meteorit cannot add to it
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Union
+from typing import Any
 
 from ..config import UNIX_PEER
 from ..errors import EventError
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Longest value kept for each field, in characters: a client controls all but the ip.
 CAPS = {"ip": 45, "user_agent": 512, "referer": 2048, "origin": 256}
