@@ -27,7 +27,7 @@ import redis as redislib
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from conftest import Meteorit, RedisServer, free_port, wait_until
+from conftest import Meteorit, RedisServer, wait_until
 
 pytestmark = pytest.mark.slow
 
