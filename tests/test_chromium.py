@@ -20,7 +20,7 @@ import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis as redislib
@@ -167,6 +167,45 @@ def test_the_snippet_sends_by_fetch_then_by_beacon_when_the_page_is_left(
         assert event["context"]["origin"] == pages.origin()  # the browser said where it came from
         assert "Chrome" in event["context"]["user_agent"]
         assert PUBLIC not in json.dumps(event)
+
+
+def test_the_snippet_never_throws_into_the_page(browser: webdriver.Chrome, collector: Meteorit, pages: Pages,
+                                              redis: redislib.Redis) -> None:
+    browser.get(pages.url(snippet_page(collector, pages, "odd.html")))
+    results = browser.execute_script("""
+        const cycle = {}; cycle.self = cycle;
+        const calls = [() => meteorit.track(), () => meteorit.track(""), () => meteorit.track(42),
+                       () => meteorit.track("cyclic", cycle), () => meteorit.track("big", {n: 10n}),
+                       () => meteorit.track("fine", "not an object"), () => meteorit.init(null),
+                       () => meteorit.flush()];
+        return calls.map(call => { try { return call(); } catch (e) { return "threw " + e; } });""")
+    assert results[:6] == [False, False, False, None, None, True]  # refused quietly (None: swallowed)
+    browser.execute_script("""meteorit.track("after", {n: 1}); meteorit.flush();""")
+    stored = wait_for_events(redis, 2, "the events that could be sent")
+    assert [e["type"] for e in stored] == ["fine", "after"]
+    browser.get(pages.url("blank.html"))
+
+
+def test_the_snippet_waits_out_a_429_as_retry_after_says(
+        chromium: webdriver.Chrome, meteorit_factory: Callable[..., Meteorit], redis_server: RedisServer,
+        redis: redislib.Redis, pages: Pages) -> None:
+    """One worker, so one bucket: 2 events/s with a burst of 3. The first batch of 3 empties
+    the bucket, the second gets 429 with Retry-After: 2, which the page can read (exposed by
+    CORS), waits, and sends again."""
+    m = meteorit_factory({"redis": {"url": redis_server.url}, "server": {"workers": 1},
+                          "auth": {"public_keys": [PUBLIC]}, "http": {"cors_origins": [pages.origin()]},
+                          "limits": {"key_rate": 2, "key_burst": 3}})
+    chromium.get(pages.url(snippet_page(m, pages, "limited.html")))
+    chromium.execute_script("""meteorit.init({maxRetries: 5});
+        for (let n = 0; n < 3; n++) meteorit.track("first", {n}); meteorit.flush();""")
+    wait_for_events(redis, 3, "the first batch")
+    chromium.execute_script("""for (let n = 0; n < 3; n++) meteorit.track("second", {n}); meteorit.flush();""")
+    wait_until(lambda: chromium.execute_script("return meteorit.stats().retries") >= 1, WAIT, "the 429")
+    assert chromium.execute_script("return meteorit.stats().retryAfter") == 2
+    stored = wait_for_events(redis, 6, "the second batch, sent again")
+    assert [(e["type"], e["n"]) for e in stored] == [("first", n) for n in range(3)] + [("second", n) for n in range(3)]
+    assert m.ctl_json("stats")["total"]["requests"]["429"] >= 1
+    chromium.get(pages.url("blank.html"))  # leave no timer of this page running
 
 
 def test_fetch_with_a_gzip_body_and_a_key_header_passes_the_preflight(

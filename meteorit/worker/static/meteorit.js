@@ -30,9 +30,11 @@
   var MAX_WAIT = 300000; // ms: the longest Retry-After or backoff honoured
   var options = {endpoint: "", key: "", batchSize: 20, flushInterval: 2000, maxQueue: 500, maxRetries: 5};
   var queue = [];
-  var counts = {tracked: 0, sent: 0, dropped: 0, retries: 0, beacons: 0};
+  var counts = {tracked: 0, sent: 0, dropped: 0, retries: 0, beacons: 0, retryAfter: null};
   var timer = null;
+  var timerAt = 0; // when the timer fires
   var sending = false;
+  var again = false; // flush() was called while a batch was on its way: send on when it is back
   var notBefore = 0; // ms timestamp: nothing is sent by fetch before it (Retry-After, backoff)
   var failures = 0; // consecutive failures of the batch at the head of the queue
 
@@ -87,6 +89,7 @@
     event.type = type;
     if (event.id === undefined) event.id = uuid();
     if (event.ts === undefined) event.ts = Date.now();
+    JSON.stringify(event); // throws here (cycles, BigInt) rather than block every batch after it
     queue.push(event);
     counts.tracked++;
     trim();
@@ -105,13 +108,20 @@
     }
   }
 
+  // A flush in `ms`, unless one is due sooner already.
   function schedule(ms) {
-    if (timer === null && queue.length) {
-      timer = setTimeout(guard(function () {
-        timer = null;
-        flush();
-      }), Math.max(0, ms));
+    var at = Date.now() + Math.max(0, ms);
+    if (!queue.length || (timer !== null && timerAt <= at)) {
+      return;
     }
+    if (timer !== null) {
+      clearTimeout(timer);
+    }
+    timerAt = at;
+    timer = setTimeout(guard(function () {
+      timer = null;
+      flush();
+    }), at - Date.now());
   }
 
   function url() {
@@ -131,7 +141,11 @@
 
   function flush() {
     var wait = notBefore - Date.now();
-    if (sending || !queue.length || !options.endpoint) {
+    if (sending) {
+      again = true;
+      return;
+    }
+    if (!queue.length || !options.endpoint) {
       return;
     }
     if (wait > 0) {
@@ -142,11 +156,18 @@
       timer = null;
     }
     var batch = take(BEACON_BYTES);
+    var request;
+    try {
+      request = window.fetch(url(), {
+        method: "POST", body: batch.body, headers: {"Content-Type": "text/plain"},
+        keepalive: batch.body.length <= BEACON_BYTES, mode: "cors", credentials: "omit"
+      });
+    } catch (e) {
+      queue = batch.events.concat(queue); // no fetch, or a bad endpoint: keep them (maxQueue bounds it)
+      throw e;
+    }
     sending = true;
-    window.fetch(url(), {
-      method: "POST", body: batch.body, headers: {"Content-Type": "text/plain"},
-      keepalive: batch.body.length <= BEACON_BYTES, mode: "cors", credentials: "omit"
-    }).then(guard(function (response) {
+    request.then(guard(function (response) {
       if (response.status === 429 || response.status === 503) {
         retry(batch.events, retryAfter(response.headers.get("Retry-After")));
       } else {
@@ -163,10 +184,15 @@
 
   function done() {
     sending = false;
-    if (queue.length >= options.batchSize) {
+    var wait = notBefore - Date.now();
+    var asked = again;
+    again = false;
+    if (wait > 0) {
+      schedule(wait); // a batch put back: due when Retry-After or the backoff says
+    } else if (asked || queue.length >= options.batchSize) {
       flush();
     } else {
-      schedule(Math.max(options.flushInterval, notBefore - Date.now()));
+      schedule(options.flushInterval);
     }
   }
 
@@ -178,6 +204,7 @@
       return;
     }
     counts.retries++;
+    counts.retryAfter = seconds; // the last Retry-After honoured (null: none, a backoff)
     queue = events.concat(queue);
     trim();
     var ms = seconds !== null ? seconds * 1000 : 1000 * Math.pow(2, failures - 1);
@@ -210,7 +237,7 @@
 
   function stats() {
     return {queued: queue.length, tracked: counts.tracked, sent: counts.sent, dropped: counts.dropped,
-            retries: counts.retries, beacons: counts.beacons};
+            retries: counts.retries, beacons: counts.beacons, retryAfter: counts.retryAfter};
   }
 
   var api = {
