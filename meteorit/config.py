@@ -11,6 +11,7 @@ the defaults below.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -40,6 +41,12 @@ KiB = 1024
 MiB = 1024 * KiB
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+# An entry of http.cors_origins: scheme://host[:port], the host optionally "*." + a domain
+# (its subdomains); lowercase, as browsers write the Origin header. No path, no slash.
+_ORIGIN_RE = re.compile(r"^[a-z][a-z0-9+.-]*://(\*\.)?([a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$")
+# What events.context may add to each record (meteorit.worker.context fills them in).
+CONTEXT_FIELDS = ("ip", "user_agent", "referer", "origin")
+UNIX_PEER = "unix"  # in server.trusted_proxies: a peer on a unix socket (a proxy on this host)
 _SIZE_UNITS = {None: 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB,
                "m": MiB, "mb": MiB, "mib": MiB, "g": 1024 * MiB, "gb": 1024 * MiB, "gib": 1024 * MiB}
 
@@ -140,6 +147,42 @@ def redis_url(value: Any) -> str:
 def api_keys(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
         raise ValueError("must be a list of non-empty strings")
+    return list(value)
+
+
+def cors_origins(value: Any) -> list[str]:
+    """Origins allowed to call the browser endpoints: "*", "https://shop.example[:port]" or
+    "https://*.shop.example[:port]"; lowercased, as browsers send them."""
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        raise ValueError("must be a list of origins such as \"https://shop.example\"")
+    origins = []
+    for origin in value:
+        if origin != "*" and not _ORIGIN_RE.match(origin.lower()):
+            raise ValueError(f"{origin!r} is not an origin: write \"https://shop.example\" (scheme, host, "
+                             "optional port; no path or trailing slash), \"https://*.shop.example\" for "
+                             "its subdomains, or \"*\" for any origin")
+        origins.append(origin.lower())
+    return origins
+
+
+def context_fields(value: Any) -> list[str]:
+    if (not isinstance(value, list) or not all(f in CONTEXT_FIELDS for f in value)
+            or len(set(value)) != len(value)):
+        raise ValueError(f"must be a list of distinct names among {', '.join(CONTEXT_FIELDS)}, got {value!r}")
+    return list(value)
+
+
+def cidr_list(value: Any) -> list[str]:
+    """Networks such as "10.0.0.0/8", "::1" (one address) or "unix" (peers on a unix socket)."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError("must be a list of networks such as \"10.0.0.0/8\" or \"unix\"")
+    for network in value:
+        if network != UNIX_PEER:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network such as \"10.0.0.0/8\", "
+                                 "\"fd00::/8\", \"127.0.0.1\" or \"unix\"") from None
     return list(value)
 
 
@@ -255,6 +298,10 @@ SETTINGS: tuple[Setting, ...] = (
             reload=RESTART),
     Setting("server", "pid_file", "", str_value,
             "Write the master's pid to this file, removed at exit; empty: no pid file.", reload=RESTART),
+    Setting("server", "trusted_proxies", [], cidr_list,
+            "Proxies whose X-Forwarded-For is believed for the `ip` of events.context: networks such as "
+            "\"10.0.0.0/8\", or \"unix\" for a proxy on a unix socket; empty: the ip is the peer's.",
+            reload=HOT),
     Setting("redis", "url", EMBEDDED, redis_url,
             "\"embedded\" (a private redis-server the master supervises) or a redis:// / unix:// URL.",
             "METEORIT_REDIS_URL"),
@@ -281,7 +328,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool", "redis_deadline", 2.0, positive_seconds,
             "An RPUSH not acknowledged within this goes to the spool (and so does everything until "
             "Redis answers); the late RPUSH may land too: duplicates, never losses."),
-    Setting("auth", "keys", [], api_keys, "Accepted API keys; an empty list turns auth off (logged loudly).", reload=HOT),
+    Setting("auth", "keys", [], api_keys, "Accepted API keys, in a header only; with public_keys empty too, "
+            "auth is off (logged loudly).", reload=HOT),
+    Setting("auth", "public_keys", [], api_keys,
+            "Write-only keys for web pages: in a header, or as the `key` query parameter (beacons, pixels, "
+            "which cannot send headers). Never stored in a record or logged.", reload=HOT),
+    Setting("auth", "restrict_public_keys", True, boolean,
+            "A public key in a request whose Origin header is not in http.cors_origins gets 403 (requests "
+            "without an Origin, such as an <img> pixel or a server, are not affected).", reload=HOT),
     Setting("limits", "max_body", "1MiB", size, "Largest request body; past it, 413.", reload=HOT),
     Setting("limits", "max_event_size", "64KiB", size,
             "Largest event, measured as its queue record (with id and received_at); past it, 413.", reload=HOT),
@@ -300,6 +354,12 @@ SETTINGS: tuple[Setting, ...] = (
             reload=HOT),
     Setting("limits", "key_burst", 0, non_negative_int,
             "Events a key may send at once above its rate; 0: one second's worth of key_rate.", reload=HOT),
+    Setting("http", "cors_origins", [], cors_origins,
+            "Web page origins that may call the browser endpoints (CORS): \"https://shop.example\", "
+            "\"https://*.shop.example\" (its subdomains) or \"*\"; empty: no CORS headers at all.", reload=HOT),
+    Setting("events", "context", [], context_fields,
+            "Adds a `context` object to each record with these request values: \"ip\" (see "
+            "server.trusted_proxies), \"user_agent\", \"referer\", \"origin\"; empty: none.", reload=HOT),
     Setting("control", "socket", "var/run/meteorit.sock", non_empty_str,
             "The master's Unix control socket, for meteoritctl; relative to the working directory.",
             reload=RESTART),
@@ -436,6 +496,10 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if cfg.worker_count > cfg.server.max_workers:
         raise ConfigError("server.workers", f"{cfg.worker_count} workers is over server.max_workers "
                           f"({cfg.server.max_workers})")
+    both = set(cfg.auth.keys) & set(cfg.auth.public_keys)
+    if both:
+        raise ConfigError("auth.public_keys", f"{len(both)} key(s) also in auth.keys: a key is secret "
+                          "(headers only) or public (may be in URLs), not both")
     if cfg.spool.max_bytes < cfg.limits.max_body + SPOOL_FRAMING:
         raise ConfigError("spool.max_bytes", f"{cfg.spool.max_bytes} bytes cannot hold one request of "
                           f"limits.max_body ({cfg.limits.max_body}) and its framing ({SPOOL_FRAMING} bytes)")

@@ -27,13 +27,14 @@ from typing import Any
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
-# Why a POST /v1/events was refused, by status: a small fixed set, so a label, never free text.
 # Keys of a worker snapshot that are not counters: `total` leaves them out.
 IDENTITY = ("pid", "slot", "version", "uptime_seconds")
 GAUGES = ("redis", "queue_length", "spool_bytes")
 
-REJECT_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large", 415: "unsupported_media_type",
-                  429: "rate_limited", 503: "unavailable"}
+# Why an event request (POST /v1/events, the pixel) was refused, by status: a small fixed set,
+# so a label, never free text.
+REJECT_REASONS = {400: "invalid", 401: "unauthorized", 403: "forbidden", 413: "too_large",
+                  415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}
 
 Snapshot = dict[str, Any]
 
@@ -65,9 +66,15 @@ class WorkerCounters:
         self.events_rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.duration = Histogram(LATENCY_BUCKETS)
+        self.cors_refused = 0  # preflights and requests from an origin not in http.cors_origins
+        self.pixel: Counter[str] = Counter()  # pixel requests: "accepted" or a reject reason
 
     def rejected(self, status: int, events: int) -> None:
-        self.events_rejected[REJECT_REASONS.get(status, "other")] += events
+        self.events_rejected[reject_reason(status)] += events
+
+
+def reject_reason(status: int) -> str:
+    return REJECT_REASONS.get(status, "other")
 
 
 def worker_snapshot(counters: WorkerCounters, batch_sizes: Histogram, extra: Snapshot) -> Snapshot:
@@ -77,6 +84,8 @@ def worker_snapshot(counters: WorkerCounters, batch_sizes: Histogram, extra: Sna
             "events_accepted": counters.events_accepted,
             "events_rejected": dict(sorted(counters.events_rejected.items())),
             "bytes_in": counters.bytes_in,
+            "cors_refused": counters.cors_refused,
+            "pixel_requests": dict(sorted(counters.pixel.items())),
             "request_duration_seconds": counters.duration.snapshot(),
             "batch_size": batch_sizes.snapshot()}
 
@@ -130,7 +139,10 @@ def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot
 
 COUNTERS = (  # (snapshot key, metric, help)
     ("events_accepted", "meteorit_events_accepted_total", "Events acknowledged with 202 (in Redis)."),
-    ("bytes_in", "meteorit_request_body_bytes_total", "Request body bytes received on /v1/events."),
+    ("bytes_in", "meteorit_request_body_bytes_total",
+     "Request body bytes received on /v1/events (as sent: compressed ones before inflating)."),
+    ("cors_refused", "meteorit_cors_refused_total",
+     "Preflights refused, and requests answered without CORS headers, for an Origin not in http.cors_origins."),
     ("redis_writes", "meteorit_redis_writes_total", "Group-commit RPUSH commands Redis acknowledged."),
     ("redis_write_errors", "meteorit_redis_write_errors_total", "RPUSH commands that failed."),
     ("events_spooled", "meteorit_events_spooled_total",
@@ -156,10 +168,15 @@ def prometheus(doc: Snapshot) -> str:
         for status, n in snap.get("requests", {}).items():
             sample("meteorit_requests_total", {"status": status, "worker": worker}, n)
     family("meteorit_events_rejected_total", "counter",
-           "Events in refused POST /v1/events requests, by reason (1 for a body that did not decode).")
+           "Events in refused POST /v1/events and pixel requests, by reason (1 for a body that did not decode).")
     for worker, snap in rows:
         for reason, n in snap.get("events_rejected", {}).items():
             sample("meteorit_events_rejected_total", {"reason": reason, "worker": worker}, n)
+    family("meteorit_pixel_requests_total", "counter",
+           "GET /v1/pixel.gif requests by outcome: accepted, or why the event was refused (the GIF is sent anyway).")
+    for worker, snap in rows:
+        for outcome, n in snap.get("pixel_requests", {}).items():
+            sample("meteorit_pixel_requests_total", {"outcome": outcome, "worker": worker}, n)
     for key, name, help_text in COUNTERS:
         family(name, "counter", help_text)
         for worker, snap in rows:

@@ -15,6 +15,8 @@ same for every event of a request), encoded as one JSON object (orjson), UTF-8:
 - `id`: a non-empty string of at most MAX_ID_LENGTH characters (the idempotency key);
 - `received_at`: an integer, ms since the Unix epoch, within 64 bits;
 - `ts`: absent, a number or a string (the client's own time, not interpreted);
+- `context`: with `events.context` set, an object of request values meteorit adds (`ip`,
+  `user_agent`, `referer`, `origin`) over the client's own `context` object, if any;
 - anything else: the client's, kept as sent.
 """
 

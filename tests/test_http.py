@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meteorit.worker.http import Exchange, HttpProtocol, ServerState
+from meteorit.worker.http import KEPT_HEADERS, Exchange, HttpProtocol, ServerState
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -267,6 +267,53 @@ def test_pipelined_requests_in_any_chunking_reach_the_app_in_order(cuts: set[int
         (b"POST", b"/4", b"")]
     assert [r.body for r in client.responses] == [b"/1", b"/2", b"/3", b"/4"]
     assert not client.closed
+
+
+def test_the_app_chooses_further_headers_to_keep_and_forwarded_for_lines_are_joined() -> None:
+    app = FakeApp()
+    state = ServerState(app, make_limits(), KEPT_HEADERS | {b"user-agent", b"x-forwarded-for"})
+    client = Client(state)
+    client.send(post(extra=b"User-Agent: ua\r\nReferer: r\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                           b"x-forwarded-for: 1.2.3.4, 10.0.0.1\r\nOrigin: https://o.example\r\n"))
+    headers = app.requests[0].headers
+    assert headers[b"user-agent"] == b"ua" and b"referer" not in headers
+    assert headers[b"x-forwarded-for"] == b"6.6.6.6, 1.2.3.4, 10.0.0.1"  # the proxy's hop stays last
+    assert headers[b"origin"] == b"https://o.example"  # kept whenever sent: CORS reads it
+    state.kept_headers = KEPT_HEADERS  # a hot reload takes effect at the next request
+    client.send(post(extra=b"User-Agent: ua\r\n"))
+    assert b"user-agent" not in app.requests[1].headers
+
+
+def test_a_bare_reply_has_no_content_headers() -> None:
+    class BareApp(FakeApp):
+        def dispatch(self, exchange: Exchange, method: bytes, url: bytes,
+                     headers: dict[bytes, bytes], body: bytes) -> None:
+            exchange.reply_bare(204, b"Allow: POST, OPTIONS\r\n")
+
+    client = Client(ServerState(BareApp(), make_limits()))
+    client.send(b"OPTIONS /v1/events HTTP/1.1\r\nHost: t\r\n\r\n", get())
+    data = client.transport.data
+    first = data[:data.index(b"\r\n\r\n") + 4]
+    assert first.startswith(b"HTTP/1.1 204 No Content\r\n") and b"Allow: POST, OPTIONS\r\n" in first
+    assert b"Content-Length" not in first and b"Content-Type" not in first
+    assert data.count(b"HTTP/1.1 204 ") == 2 and not client.closed  # keep-alive goes on
+
+
+def test_the_peer_address_comes_from_the_transport() -> None:
+    class PeerTransport(FakeTransport):
+        def __init__(self, peer: Any) -> None:
+            super().__init__()
+            self.peer = peer
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.peer if name == "peername" else default
+
+    for peer, address in ((("192.0.2.1", 5000), "192.0.2.1"), (("::1", 5000, 0, 0), "::1"), ("", None)):
+        app = FakeApp(hold=True)
+        protocol = HttpProtocol(ServerState(app, make_limits()))
+        protocol.connection_made(PeerTransport(peer))
+        protocol.data_received(get())
+        assert app.held[0].peer_address() == address
 
 
 # --- pipelining and flow control

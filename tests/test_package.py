@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -81,6 +82,8 @@ def test_the_deb_builds_installs_serves_and_goes_away(machine_lock: None, tmp_pa
     assert build.returncode == 0, build.stderr
     sdist, wheel, deb = build.stdout.split()
     assert sdist.endswith(".tar.gz") and wheel.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as packed:  # package data: the snippet the workers serve
+        assert "meteorit/worker/static/meteorit.js" in packed.namelist()
     assert Path(deb).name.startswith("meteorit_") and Path(deb).name.endswith(".deb")
     arch = run("dpkg", "--print-architecture").stdout.strip()
     assert Path(deb).name.endswith(f"_{arch}.deb")
@@ -131,6 +134,7 @@ def serve_as_the_service_would(tmp_path: Path) -> None:
             try:
                 notify.wait_for("READY", timeout=30)
                 assert post_one(port) == b"HTTP/1.1 202"
+                assert get_one(port, b"/v1/meteorit.js") == b"HTTP/1.1 200"  # shipped and found
                 status = run("meteoritctl", "-c", "/etc/meteorit/meteorit.toml", "status")
                 assert status.returncode == 0, status.stderr
                 proc.send_signal(signal.SIGQUIT)  # KillSignal= of the unit
@@ -146,9 +150,17 @@ def serve_as_the_service_would(tmp_path: Path) -> None:
 
 def post_one(port: int) -> bytes:
     body = b'{"type":"installed"}'
+    return status_line(port, b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def get_one(port: int, path: bytes) -> bytes:
+    return status_line(port, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+
+
+def status_line(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(request)
         reply = b""
         while b"\r\n" not in reply:
             part = s.recv(4096)

@@ -98,7 +98,9 @@ REJECTIONS: list[tuple[str, Any, str, dict[str, str], int]] = [
     ("bad ndjson line", b'{"type":"a"}\nnope\n', "application/x-ndjson", {}, 400),
     ("bad msgpack", b"\xc1", "application/msgpack", {}, 400),
     ("unsupported type", b"type=a", "application/x-www-form-urlencoded", {}, 415),
-    ("gzip", {"type": "a"}, "application/json", {"Content-Encoding": "gzip"}, 415),
+    ("brotli", {"type": "a"}, "application/json", {"Content-Encoding": "br"}, 415),
+    ("two encodings", {"type": "a"}, "application/json", {"Content-Encoding": "gzip, gzip"}, 415),
+    ("gzip that is not", {"type": "a"}, "application/json", {"Content-Encoding": "gzip"}, 400),
     ("too many events", [{"type": "a"}] * 11, "application/json", {}, 413),
     ("event too large", {"type": "a", "pad": "x" * 600}, "application/json", {}, 413),
     ("body too large", [{"type": "a", "pad": "x" * 100}] * 20, "application/json", {}, 413),
@@ -131,7 +133,7 @@ def test_first_bad_event_is_named_by_index(meteorit: Meteorit, redis: redislib.R
 def test_routes_and_methods(meteorit: Meteorit) -> None:
     assert meteorit.request("GET", "/nope")[0] == 404
     status, headers, _ = meteorit.request("GET", "/v1/events")
-    assert status == 405 and headers["Allow"] == "POST"
+    assert status == 405 and headers["Allow"] == "POST, OPTIONS"
     assert meteorit.request("GET", "/readyz")[0] == 200
 
 

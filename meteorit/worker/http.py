@@ -27,13 +27,15 @@ from typing import Any, Protocol
 import httptools
 
 from .response import (CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, JSON_TYPE, build,
-                       error_body)
+                       build_bare, error_body)
 
 log = logging.getLogger("meteorit.http")
 
 # Only these request headers are kept; the rest are counted against the limits and dropped.
+# The app may keep more (ServerState.kept_headers), such as the ones events.context records.
 KEPT_HEADERS = frozenset((b"content-type", b"content-length", b"content-encoding",
-                          b"authorization", b"x-api-key", b"expect"))
+                          b"authorization", b"x-api-key", b"expect", b"origin", b"if-none-match"))
+FORWARDED_FOR = b"x-forwarded-for"  # a list that may span several lines: they are joined
 
 
 class App(Protocol):
@@ -52,11 +54,12 @@ class _LimitExceeded(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("app", "limits", "connections", "stopping", "on_idle", "errors")
+    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors")
 
-    def __init__(self, app: App, limits: SimpleNamespace) -> None:
+    def __init__(self, app: App, limits: SimpleNamespace, kept_headers: frozenset[bytes] = KEPT_HEADERS) -> None:
         self.app = app
         self.limits = limits
+        self.kept_headers = kept_headers  # replaced, not changed, on a hot reload
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
         self.on_idle: asyncio.Event | None = None  # set when the last connection goes
@@ -87,6 +90,21 @@ class Exchange:
         protocol = self.protocol
         if not protocol.closed:
             protocol.flush()
+
+    def reply_bare(self, status: int, extra: bytes = b"") -> None:
+        """A response without content (204, 304)."""
+        if self.data is not None:
+            return
+        self.data = build_bare(status, self.connection, extra)
+        protocol = self.protocol
+        if not protocol.closed:
+            protocol.flush()
+
+    def peer_address(self) -> str | None:
+        """The client's IP address as text; None on a unix socket (or once the transport is gone)."""
+        transport = self.protocol.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return peer[0] if isinstance(peer, tuple) and peer else None
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -225,10 +243,14 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_count > limits.max_headers:
             self._limit(431, "too many header fields")
         name = name.lower()
-        if name in KEPT_HEADERS and name not in self.headers:
-            self.headers[name] = value
-            if name == b"content-length" and value.isdigit() and int(value) > limits.max_body:
-                self._limit(413, f"body over the limit of {limits.max_body} bytes")
+        if name in self.state.kept_headers:
+            if name not in self.headers:
+                self.headers[name] = value
+                if name == b"content-length" and value.isdigit() and int(value) > limits.max_body:
+                    self._limit(413, f"body over the limit of {limits.max_body} bytes")
+            elif name == FORWARDED_FOR:
+                # one list over several lines: the hop our proxy added may be on the last one
+                self.headers[name] += b", " + value
 
     def on_headers_complete(self) -> None:
         self.in_headers = False

@@ -132,7 +132,7 @@ class Worker:
                                   cfg.redis.max_pending_bytes, spool, cfg.spool.redis_deadline,
                                   cfg.redis.max_queue_length)
         self.app = EventsApp(cfg, self.writer, self._collect_stats)
-        self.state = state = ServerState(self.app, cfg.limits)
+        self.state = state = ServerState(self.app, cfg.limits, self.app.kept_headers)
         for sock in self.sockets:
             server = loop.run_until_complete(loop.create_server(
                 lambda: HttpProtocol(state), sock=sock, backlog=cfg.server.backlog,
@@ -244,6 +244,7 @@ class Worker:
         assert self.app is not None and self.state is not None and self.writer is not None
         new = Config(values=msgpack.unpackb(data), path=self.config.path)
         self.app.reconfigure(new)
+        self.state.kept_headers = self.app.kept_headers  # events.context may need more headers now
         self._share_rates()
         vars(self.state.limits).update(vars(new.limits))  # every connection reads this object
         self.writer.queue = new.redis.queue.encode()

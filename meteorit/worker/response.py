@@ -42,6 +42,12 @@ def build(status: int, body: bytes, connection: bytes = b"", extra: bytes = b"",
         STATUS_LINES[status], Clock.date, content_type, len(body), connection, extra, body)
 
 
+def build_bare(status: int, connection: bytes = b"", extra: bytes = b"") -> bytes:
+    """A response that has no content by definition (204, 304): no Content-Type, and no
+    Content-Length, which RFC 9110 forbids on a 204 and on a 304 says the size of the 200."""
+    return b"%sServer: meteorit\r\nDate: %s\r\n%s%s\r\n" % (STATUS_LINES[status], Clock.date, connection, extra)
+
+
 def error_body(message: str, index: int | None = None) -> bytes:
     if index is None:
         return orjson.dumps({"error": message})
