@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import pytest
 
-from meteorit.config import SQLITE_TIMEOUT, SinkUrl, check_table, load, parse_listen_address, parse_sink_url, size
+from meteorit.config import load
+from meteorit.values import SQLITE_TIMEOUT, SinkUrl, check_table, parse_listen_address, parse_sink_url, size
 from meteorit.errors import ConfigError
 
 WriteConfig = Callable[[str], str]

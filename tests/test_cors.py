@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from meteorit import config
+from meteorit import config, values
 from meteorit.errors import ConfigError
 from meteorit.worker.cors import ALLOWED_HEADERS, CorsPolicy
 
 
 def policy(*origins: str) -> CorsPolicy:
-    return CorsPolicy(config.cors_origins(list(origins)))
+    return CorsPolicy(values.cors_origins(list(origins)))
 
 
 @pytest.mark.parametrize("entry", [

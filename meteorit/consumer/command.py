@@ -24,7 +24,7 @@ import socket
 import sys
 from typing import Any
 
-from .. import __version__, config
+from .. import __version__, config, values
 from .. import log as logsetup
 from ..errors import ConfigError
 from .ndjson import NdjsonSink
@@ -68,7 +68,7 @@ def consumer_id(name: str) -> str:
 def open_sink(url: str, table: str, writers: int, stall: float) -> Sink:
     """The sink `consumer.sink` names (checked already by config). `stall`: seconds a
     database statement may take before it counts as stuck."""
-    spec = config.parse_sink_url(url)
+    spec = values.parse_sink_url(url)
     if spec.kind == "sqlite":
         return SqliteSink(spec.target, table, spec.timeout)
     if spec.kind == "postgresql":

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ..config import check_table
+from ..values import check_table
 from .rows import WIDTH, Rows
 from .sink import SinkUnavailable, Written, refused
 

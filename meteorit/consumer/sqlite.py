@@ -18,7 +18,7 @@ rest between two batches (little: the other thread did the bulk), and the next b
 rewinds the WAL, which stays near 50 MB; journal_size_limit trims a file grown larger.
 
 `timeout` is how long a writer waits for another process's write lock (default 5 s,
-config.SQLITE_TIMEOUT).
+values.SQLITE_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..config import SQLITE_TIMEOUT, check_table
+from ..values import SQLITE_TIMEOUT, check_table
 from .rows import WIDTH, Rows
 from .sink import SinkUnavailable, Written, refused
 

@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 
-from ..config import parse_listen_address
+from ..values import parse_listen_address
 from ..errors import MeteoritError
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from ..config import UNIX_PEER
+from ..values import UNIX_PEER
 from ..errors import EventError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
