@@ -379,3 +379,17 @@ def test_the_new_counters_are_in_metrics(served: Meteorit) -> None:
     assert 'meteorit_pixel_requests_total{outcome="unauthorized"}' in text
     wait_until(lambda: 'meteorit_events_rejected_total{reason="unauthorized"}' in
                served.request("GET", "/metrics")[2].decode(), 5, "the refusal in /metrics")
+
+
+@pytest.mark.parametrize(("auth", "warned"), [
+    ({}, True),
+    ({"public_keys": ["pk_site"]}, False),
+    ({"keys": ["s3cret"]}, False),
+])
+def test_the_master_warns_that_auth_is_off_only_without_any_key(
+        meteorit_factory: Callable[..., Meteorit], redis_server: RedisServer,
+        auth: dict[str, Any], warned: bool) -> None:
+    m = meteorit_factory({"redis": {"url": redis_server.url}, "server": {"workers": 1}, "auth": auth})
+    warnings = [e["msg"] for e in m.logs() if e["msg"].startswith("AUTH IS OFF")]
+    assert warnings == (["AUTH IS OFF: auth.keys and auth.public_keys are empty, anyone who reaches "
+                         "the port can post events"] if warned else [])

@@ -111,8 +111,9 @@ class Master:
 
     def _setup(self) -> None:
         cfg = self.config
-        if not cfg.auth.keys:
-            log.warning("AUTH IS OFF: auth.keys is empty, anyone who reaches the port can post events")
+        if not cfg.auth.keys and not cfg.auth.public_keys:
+            log.warning("AUTH IS OFF: auth.keys and auth.public_keys are empty, anyone who reaches "
+                        "the port can post events")
         if cfg.server.reuseport and _sysctl("net/ipv4/tcp_migrate_req") == "0":
             log.warning("net.ipv4.tcp_migrate_req is 0: connections waiting to be accepted by a "
                         "worker that stops (scale down, TTOU, crash) are reset; set it to 1")
