@@ -75,16 +75,26 @@ def worker_snapshot(counters: WorkerCounters, batch_sizes: Histogram, extra: Sna
 
 # --- sums
 
+IDENTITY = ("pid", "slot", "version", "uptime_seconds")  # describe a worker; never summed
+GAUGES = ("connections",)  # a worker's present state: part of a total only while it runs
+EXITED = "exited"  # the `worker` label of what the workers that exited counted
+
 
 def total(workers: list[Snapshot]) -> Snapshot:
     """The sum of worker snapshots: counters add up, histograms add bucket by bucket."""
     out: Snapshot = {}
     for snap in workers:
         for key, value in snap.items():
-            if key in ("pid", "slot", "version", "uptime_seconds"):
+            if key in IDENTITY:
                 continue
             out[key] = _add(out.get(key), value)
     return out
+
+
+def add_exited(exited: Snapshot, final: Snapshot) -> Snapshot:
+    """The totals of exited workers with one more worker's last snapshot: its counters,
+    not its gauges (an exited worker holds no connection)."""
+    return total([exited, {k: v for k, v in final.items() if k not in GAUGES}])
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -109,12 +119,20 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot | None) -> Snapshot:
-    """The JSON of `/v1/stats` and `meteoritctl stats`."""
+def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot | None,
+                   last_known: list[Snapshot] | None = None) -> Snapshot:
+    """The JSON of `/v1/stats` and `meteoritctl stats`.
+
+    `workers` answered the gather; `last_known` are the scoreboard snapshots (at most a
+    second old) of the `missing` ones that still run, so a slow worker does not take its
+    counts out of the total; `master["retired"]` sums the workers that exited. A worker
+    that answered and exited before the master replied is in the latter only."""
     retired = set(master.get("retired_pids", [])) if master else set()
     workers = sorted((w for w in workers if w.get("pid") not in retired), key=lambda w: w.get("slot", 0))
-    gone = [master["retired"]] if master and master.get("retired") else []
-    return {"total": total(workers + gone), "workers": workers, "missing_workers": sorted(missing),
+    stale = sorted(last_known or [], key=lambda w: w.get("slot", 0))
+    exited = master.get("retired") or {} if master else {}
+    return {"total": total(workers + stale + ([exited] if exited else [])), "workers": workers,
+            "missing_workers": sorted(missing), "stale_workers": stale, "exited": exited,
             "master": master}
 
 

@@ -45,7 +45,8 @@ from ..bus import ipc
 from ..bus.ipc import MASTER_SLOT, Bus, Pipes
 from ..config import Config
 from ..errors import MeteoritError
-from ..worker.process import FINAL_ALERT, MASTER_STATS_ALERT, READY_ALERT, STATS_ALERT
+from ..scoreboard import Scoreboard
+from ..worker.process import MASTER_STATS_ALERT, READY_ALERT, STATS_ALERT
 from . import listeners, pidfile, systemd
 from .commands import Commands
 from .control import ControlServer
@@ -70,6 +71,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.pipes: Pipes | None = None
         self.bus: Bus | None = None
+        self.scoreboard: Scoreboard | None = None  # each slot's counters, kept past its worker's death
         self.wake_r, self.wake_w = -1, -1
         self.stopping = False
         self.kill_deadline = 0.0
@@ -77,7 +79,7 @@ class Master:
         self.control: ControlServer | None = None
         self._events = 0  # selector events of the key being dispatched
         self.started = time.monotonic()
-        self.retired: metrics.Snapshot = {}  # the summed final counters of workers that exited
+        self.retired: metrics.Snapshot = {}  # the summed last counters of workers that exited
         self.retired_pids: deque[int] = deque(maxlen=256)  # recent ones: a scrape may still see them
         self.notify = systemd.Notifier.from_env()  # every call a no-op without NOTIFY_SOCKET
         self.heartbeat = systemd.Heartbeat(self.notify, systemd.watchdog_interval(), STATS_ALERT)
@@ -125,10 +127,10 @@ class Master:
             self.redis_url = self.redis.url
         self._install_signals()
         self.pipes = Pipes(cfg.server.max_workers)
+        self.scoreboard = Scoreboard(cfg.server.max_workers)
         self.bus = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
         self.bus.attach_selector(self.selector)
-        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats,
-                          FINAL_ALERT: self._on_worker_final})
+        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats})
         ipc.install(self.bus)
         self.control = ControlServer(cfg.control.socket, cfg.control.group, self.selector,
                                      self.commands.handle)
@@ -308,6 +310,7 @@ class Master:
                 continue
             worker = self.slots.pop(pid)
             if worker is not None:
+                self._count_exited(worker)
                 self._worker_exited(worker, status)
                 self.slots.announce()
 
@@ -338,18 +341,50 @@ class Master:
         log.info("worker ready", extra={"slot": worker.slot, "worker_pid": worker.pid,
                                         "config_version": worker.version})
 
-    def _on_worker_final(self, data: bytes) -> None:
+    def _count_exited(self, worker: WorkerProcess) -> None:
+        """What a worker that exited counted, from its slot of the scoreboard (written as it
+        exited, or at most a second before a SIGKILL), goes to the exited workers' totals.
+        Once: the exit is reaped once, and the slot is cleared before its next worker."""
+        assert self.scoreboard is not None
+        last = self._board_snapshot(worker.slot, worker.pid)
+        self.scoreboard.clear(worker.slot)
+        if last is not None:
+            self.retired = metrics.add_exited(self.retired, last)
+        self.retired_pids.append(worker.pid)
+
+    def _board_snapshot(self, slot: int, pid: int) -> metrics.Snapshot | None:
+        """The slot's snapshot on the scoreboard if worker `pid` wrote it."""
+        assert self.scoreboard is not None
+        packed = self.scoreboard.read(slot)
+        if packed is None:
+            return None  # it died before its first second
         try:
-            snapshot = msgpack.unpackb(data)
-        except Exception as exc:
-            log.error("final counters of pid %s do not decode: %s", ipc.sender, exc)
-            return
-        self.retired = metrics.total([self.retired, snapshot])
-        if ipc.sender is not None:
-            self.retired_pids.append(ipc.sender)
+            snapshot = msgpack.unpackb(packed)
+        except (ValueError, msgpack.UnpackException) as exc:  # checksummed: only a bug of ours
+            log.error("scoreboard of slot %d does not decode: %s", slot, exc)
+            return None
+        return snapshot if isinstance(snapshot, dict) and snapshot.get("pid") == pid else None
+
+    def last_known(self, pids: list[int]) -> list[metrics.Snapshot]:
+        """The scoreboard snapshots of those `pids` that still run (workers that did not
+        answer a gather in time): their counts stay in the totals."""
+        found = []
+        for pid in pids:
+            worker = self.slots.by_pid(pid)
+            snapshot = self._board_snapshot(worker.slot, pid) if worker is not None else None
+            if snapshot is not None:
+                found.append(snapshot)
+        return found
 
     def _on_master_stats(self, data: bytes) -> None:
-        ipc.reply("master.stats", msgpack.packb(self.snapshot()))
+        try:
+            missing = msgpack.unpackb(data) if data else []
+        except (ValueError, msgpack.UnpackException):
+            missing = []
+        if not isinstance(missing, list):
+            missing = []
+        pids = [p for p in missing[:self.config.server.max_workers] if isinstance(p, int)]
+        ipc.reply("master.stats", msgpack.packb({**self.snapshot(), "last_known": self.last_known(pids)}))
 
     def snapshot(self) -> dict[str, Any]:
         """The master's own counters, for status, stats and /metrics."""
