@@ -2,16 +2,17 @@
 
 Owns: the counters of a worker (requests by status, events accepted and rejected, bytes in,
 request durations, Redis batch sizes), their snapshot (a plain dict that crosses the IPC
-bus as msgpack), and rendering a set of snapshots for `/metrics`, `/v1/stats` and
-`meteoritctl stats`.
-Must not touch: sockets, Redis or the bus: app.py gathers the snapshots; this module only
-counts and formats.
+bus and sits in the scoreboard as msgpack), the totals of workers that exited, and
+rendering a set of snapshots for `/metrics`, `/v1/stats` and `meteoritctl stats`.
+Must not touch: sockets, Redis, the bus or the scoreboard: the worker and the master
+gather the snapshots; this module only counts, adds and formats.
 
-Prometheus naming: counters end in `_total`, durations are in seconds. Every series comes
-once per worker with a `worker` label (the worker's slot, a bounded set) and once without
-it, the service's total: the workers that answered plus the final counts of the workers
-that exited (the master keeps those), so a total does not go back when a worker is
-replaced. Select `{worker=""}` for the whole service.
+Prometheus conventions: counters end in `_total`, units are in the names (`_seconds`,
+`_bytes`), histograms are `_bucket` (with `le`), `_sum` and `_count`. Each worker's series
+carry a `worker` label (its slot, a bounded set); what the workers that exited counted is
+one more series per metric, `worker="exited"`; there is no unlabeled total beside them, so
+`sum(metric)` is the service's total and counts nothing twice. The master's own counters
+(restarts, reloads) have no `worker` label.
 """
 
 from __future__ import annotations
@@ -147,18 +148,27 @@ COUNTERS = (  # (snapshot key, metric, help)
      "Events acknowledged from the spool because Redis could not take them in time."),
     ("events_replayed", "meteorit_events_replayed_total", "Spooled events pushed into Redis since."),
 )
+HISTOGRAMS = (  # (snapshot key, metric, help)
+    ("request_duration_seconds", "meteorit_request_duration_seconds",
+     "From a request's headers and body in hand to its response."),
+    ("batch_size", "meteorit_redis_batch_events", "Events per group-commit RPUSH."),
+)
 
 
 def prometheus(doc: Snapshot) -> str:
+    """Prometheus text: each worker's series (`worker` = its slot; a worker that did not
+    answer in time by its last known snapshot), `worker="exited"` for the workers gone."""
     lines: list[str] = []
-    rows = [("", doc["total"])] + [(str(w.get("slot", "")), w) for w in doc["workers"]]
+    rows = [(str(w.get("slot", "")), w) for w in [*doc["workers"], *doc.get("stale_workers", [])]]
+    if doc.get("exited"):
+        rows.append((EXITED, doc["exited"]))
 
     def family(name: str, kind: str, help_text: str) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
 
     def sample(name: str, labels: dict[str, str], value: float) -> None:
-        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if v != "")
+        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
         lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
 
     family("meteorit_requests_total", "counter", "HTTP requests answered, by status.")
@@ -174,17 +184,15 @@ def prometheus(doc: Snapshot) -> str:
         family(name, "counter", help_text)
         for worker, snap in rows:
             sample(name, {"worker": worker}, snap.get(key, 0))
-    for key, name, help_text in (
-            ("request_duration_seconds", "meteorit_request_duration_seconds",
-             "From a request's headers and body in hand to its response."),
-            ("batch_size", "meteorit_redis_batch_size", "Events per group-commit RPUSH.")):
+    for key, name, help_text in HISTOGRAMS:
         family(name, "histogram", help_text)
         for worker, snap in rows:
             if key in snap:
                 _histogram(name, worker, snap[key], sample)
     family("meteorit_workers", "gauge", "Workers that answered this scrape.")
     sample("meteorit_workers", {}, len(doc["workers"]))
-    family("meteorit_workers_missing", "gauge", "Workers that did not answer this scrape in time.")
+    family("meteorit_workers_missing", "gauge",
+           "Workers that did not answer this scrape in time (their series are their last known counts).")
     sample("meteorit_workers_missing", {}, len(doc["missing_workers"]))
     master = doc.get("master")
     family("meteorit_master_up", "gauge", "1 when the master answered this scrape.")
