@@ -214,6 +214,8 @@ class Master:
         if hot_deadline is not None:
             waits.append(hot_deadline - now)
         waits.append(self.heartbeat.timeout(now))
+        if self.redis is not None and not self.stopping:
+            waits.append(self.redis.wait(now))
         return max(0.01, min([1.0, *waits]))
 
     def _dispatch_io(self, tag: tuple[str, int | None] | None) -> None:
@@ -393,6 +395,7 @@ class Master:
                 "workers_wanted": self.target, "worker_restarts": sum(self.slots.restarts.values()),
                 "reloads": self.reload.reloads, "reload_failures": self.reload.failures,
                 "reloading": self.reload.in_progress,
+                "embedded_redis": self.redis.describe() if self.redis is not None else None,
                 "retired": self.retired, "retired_pids": list(self.retired_pids)}
 
     # --- systemd, pid file, user (see systemd.py, pidfile.py, privileges.py)
@@ -440,12 +443,10 @@ class Master:
                           f"{self.target} workers, config {self.config.version}")
 
     def _maintain_redis(self) -> None:
-        if self.redis is not None and self.redis.pid is None:
-            log.warning("restarting embedded redis")
-            try:
-                self.redis.start()
-            except MeteoritError as exc:
-                log.error("embedded redis: %s", exc)
+        """A dead embedded Redis is started again without the loop waiting for it (see
+        embedded.py); the workers spool until it answers."""
+        if self.redis is not None:
+            self.redis.supervise(time.monotonic())
 
 
 def _sysctl(name: str) -> str | None:
