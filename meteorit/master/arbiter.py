@@ -1,7 +1,9 @@
 """The master process: binds, forks, supervises. It never does request work.
 
 Owns: the selector loop, the reaction to signals and the maintenance pass run at every
-turn of the loop, the embedded redis-server when configured, and the master's identity
+turn of the loop, the embedded redis-server when configured (embedded.py restarts it
+without blocking the loop), the totals of workers that exited (read from each slot's
+scoreboard segment when its worker is reaped, scoreboard.py), and the master's identity
 (pid file, `server.user`, systemd notify). Signals:
 
     TERM, INT   fast stop: workers close at once, then the master exits
