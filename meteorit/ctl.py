@@ -318,6 +318,9 @@ def print_human(command: str, reply: dict[str, Any]) -> None:
         print(f"meteorit master {m['pid']}, up {duration(m['uptime_seconds'])}, config {m['config_version']}"
               f" ({m['config_path'] or 'defaults'}), {m['workers_wanted']} workers wanted,"
               f" {m['reloads']} reloads, {m['worker_restarts']} restarts")
+        redis = m.get("embedded_redis")
+        if redis:
+            print(f"embedded redis: {redis['state']}, pid {redis['pid'] or '-'}, {redis['restarts']} restarts")
         print_workers(reply["workers"], with_requests=True)
         for pid in reply.get("missing_workers", []):
             print(f"worker {pid} did not answer in time", file=sys.stderr)

@@ -2,20 +2,21 @@
 
 Owns: the counters of a worker (requests by status, events accepted and rejected, bytes in,
 request durations, Redis batch sizes), their snapshot (a plain dict that crosses the IPC
-bus as msgpack), and rendering a set of snapshots for `/metrics`, `/v1/stats` and
-`meteoritctl stats`.
-Must not touch: sockets, Redis or the bus: app.py gathers the snapshots; this module only
-counts and formats.
+bus and sits in the scoreboard as msgpack), the totals of workers that exited, and
+rendering a set of snapshots for `/metrics`, `/v1/stats` and `meteoritctl stats`.
+Must not touch: sockets, Redis, the bus or the scoreboard: the worker and the master
+gather the snapshots; this module only counts, adds and formats.
 
-Prometheus naming: counters end in `_total`, durations are in seconds. Every series comes
-once per worker with a `worker` label (the worker's slot, a bounded set) and once without
-it, the service's total: the workers that answered plus the final counts of the workers
-that exited (the master keeps those), so a total does not go back when a worker is
-replaced. Select `{worker=""}` for the whole service.
+Prometheus conventions: counters end in `_total`, units are in the names (`_seconds`,
+`_bytes`), histograms are `_bucket` (with `le`), `_sum` and `_count`. Each worker's series
+carry a `worker` label (its slot, a bounded set); what the workers that exited counted is
+one more series per metric, `worker="exited"`; there is no unlabeled total beside them, so
+`sum(metric)` is the service's total and counts nothing twice. The master's own counters
+(restarts, reloads) have no `worker` label.
 
 A snapshot also holds what a worker sees now (its Redis state, the queue length it last
-saw, its spool's unreplayed bytes: GAUGES), for `meteoritctl top`; they are not summed
-(the final counts of exited workers would keep adding them) nor exported.
+saw, its spool's unreplayed bytes: OBSERVED), for `meteoritctl top`; they are not summed
+(the totals of exited workers would keep adding them) nor exported.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 # Keys of a worker snapshot that are not counters: `total` leaves them out.
 IDENTITY = ("pid", "slot", "version", "uptime_seconds")
-GAUGES = ("redis", "queue_length", "spool_bytes")
+# What a worker sees now (for meteoritctl top): per worker only, never summed nor exported.
+OBSERVED = ("redis", "queue_length", "spool_bytes")
 
 # Why an event request (POST /v1/events, the pixel) was refused, by status: a small fixed set,
 # so a label, never free text.
@@ -92,16 +94,26 @@ def worker_snapshot(counters: WorkerCounters, batch_sizes: Histogram, extra: Sna
 
 # --- sums
 
+IDENTITY = ("pid", "slot", "version", "uptime_seconds")  # describe a worker; never summed
+GAUGES = ("connections",)  # a worker's present state: part of a total only while it runs
+EXITED = "exited"  # the `worker` label of what the workers that exited counted
+
 
 def total(workers: list[Snapshot]) -> Snapshot:
     """The sum of worker snapshots: counters add up, histograms add bucket by bucket."""
     out: Snapshot = {}
     for snap in workers:
         for key, value in snap.items():
-            if key in IDENTITY or key in GAUGES:
+            if key in IDENTITY or key in OBSERVED:
                 continue
             out[key] = _add(out.get(key), value)
     return out
+
+
+def add_exited(exited: Snapshot, final: Snapshot) -> Snapshot:
+    """The totals of exited workers with one more worker's last snapshot: its counters,
+    not its gauges (an exited worker holds no connection)."""
+    return total([exited, {k: v for k, v in final.items() if k not in GAUGES}])
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -126,12 +138,20 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot | None) -> Snapshot:
-    """The JSON of `/v1/stats` and `meteoritctl stats`."""
+def stats_document(workers: list[Snapshot], missing: list[int], master: Snapshot | None,
+                   last_known: list[Snapshot] | None = None) -> Snapshot:
+    """The JSON of `/v1/stats` and `meteoritctl stats`.
+
+    `workers` answered the gather; `last_known` are the scoreboard snapshots (at most a
+    second old) of the `missing` ones that still run, so a slow worker does not take its
+    counts out of the total; `master["retired"]` sums the workers that exited. A worker
+    that answered and exited before the master replied is in the latter only."""
     retired = set(master.get("retired_pids", [])) if master else set()
     workers = sorted((w for w in workers if w.get("pid") not in retired), key=lambda w: w.get("slot", 0))
-    gone = [master["retired"]] if master and master.get("retired") else []
-    return {"total": total(workers + gone), "workers": workers, "missing_workers": sorted(missing),
+    stale = sorted(last_known or [], key=lambda w: w.get("slot", 0))
+    exited = master.get("retired") or {} if master else {}
+    return {"total": total(workers + stale + ([exited] if exited else [])), "workers": workers,
+            "missing_workers": sorted(missing), "stale_workers": stale, "exited": exited,
             "master": master}
 
 
@@ -149,18 +169,27 @@ COUNTERS = (  # (snapshot key, metric, help)
      "Events acknowledged from the spool because Redis could not take them in time."),
     ("events_replayed", "meteorit_events_replayed_total", "Spooled events pushed into Redis since."),
 )
+HISTOGRAMS = (  # (snapshot key, metric, help)
+    ("request_duration_seconds", "meteorit_request_duration_seconds",
+     "From a request's headers and body in hand to its response."),
+    ("batch_size", "meteorit_redis_batch_events", "Events per group-commit RPUSH."),
+)
 
 
 def prometheus(doc: Snapshot) -> str:
+    """Prometheus text: each worker's series (`worker` = its slot; a worker that did not
+    answer in time by its last known snapshot), `worker="exited"` for the workers gone."""
     lines: list[str] = []
-    rows = [("", doc["total"])] + [(str(w.get("slot", "")), w) for w in doc["workers"]]
+    rows = [(str(w.get("slot", "")), w) for w in [*doc["workers"], *doc.get("stale_workers", [])]]
+    if doc.get("exited"):
+        rows.append((EXITED, doc["exited"]))
 
     def family(name: str, kind: str, help_text: str) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
 
     def sample(name: str, labels: dict[str, str], value: float) -> None:
-        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if v != "")
+        text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
         lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
 
     family("meteorit_requests_total", "counter", "HTTP requests answered, by status.")
@@ -181,17 +210,15 @@ def prometheus(doc: Snapshot) -> str:
         family(name, "counter", help_text)
         for worker, snap in rows:
             sample(name, {"worker": worker}, snap.get(key, 0))
-    for key, name, help_text in (
-            ("request_duration_seconds", "meteorit_request_duration_seconds",
-             "From a request's headers and body in hand to its response."),
-            ("batch_size", "meteorit_redis_batch_size", "Events per group-commit RPUSH.")):
+    for key, name, help_text in HISTOGRAMS:
         family(name, "histogram", help_text)
         for worker, snap in rows:
             if key in snap:
                 _histogram(name, worker, snap[key], sample)
     family("meteorit_workers", "gauge", "Workers that answered this scrape.")
     sample("meteorit_workers", {}, len(doc["workers"]))
-    family("meteorit_workers_missing", "gauge", "Workers that did not answer this scrape in time.")
+    family("meteorit_workers_missing", "gauge",
+           "Workers that did not answer this scrape in time (their series are their last known counts).")
     sample("meteorit_workers_missing", {}, len(doc["missing_workers"]))
     master = doc.get("master")
     family("meteorit_master_up", "gauge", "1 when the master answered this scrape.")

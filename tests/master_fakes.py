@@ -53,6 +53,8 @@ class FakeMaster:
         self.pipes: Pipes | None = Pipes(config.server.max_workers)
         self.bus: Bus | None = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
         self.told: list[Any] = []
+        self.board: dict[int, dict[str, Any]] = {}  # pid -> its scoreboard snapshot, as last_known gives it
+        self.scoreboard = None  # Slots.spawn's, never called here (no fork)
         self.slots: Slots | None = None  # for scale(), once made
 
     def worker_must_close(self) -> list[int]:
@@ -79,6 +81,9 @@ class FakeMaster:
 
     def snapshot(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "retired": {}, "retired_pids": []}
+
+    def last_known(self, pids: list[int]) -> list[dict[str, Any]]:
+        return [snapshot for pid, snapshot in self.board.items() if pid in pids]
 
     def close(self) -> None:
         if self.pipes is not None:

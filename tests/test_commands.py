@@ -207,6 +207,19 @@ def test_stats_sum_the_workers_that_replied(ctl: Ctl) -> None:
     assert [w["pid"] for w in reply["workers"]] == ctl.pids
 
 
+def test_stats_keep_the_last_known_counts_of_a_worker_that_did_not_reply(ctl: Ctl) -> None:
+    """Its scoreboard snapshot stands in for it: the total does not go back."""
+    ctl.master.board[ctl.pids[1]] = {"pid": ctl.pids[1], "slot": 1, "events_accepted": 7}
+    conn = ctl.run({"cmd": "stats"})
+    ctl.reply_from(ctl.pids[0], msgpack.packb({"pid": ctl.pids[0], "slot": 0, "events_accepted": 5}))
+    ctl.clock.advance(STATS_TIMEOUT)
+    ctl.commands.answer_pending()
+    (reply,) = conn.replies
+    assert reply["total"]["events_accepted"] == 12 and reply["missing_workers"] == [ctl.pids[1]]
+    assert [w["pid"] for w in reply["workers"]] == [ctl.pids[0]]
+    assert [w["pid"] for w in reply["stale_workers"]] == [ctl.pids[1]]
+
+
 def test_scale_is_answered_once_the_workers_settled(ctl: Ctl) -> None:
     conn = ctl.run({"cmd": "scale", "workers": 3})
     assert conn.replies == [] and ctl.slots.wanted == {0, 1, 2}

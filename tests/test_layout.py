@@ -55,7 +55,7 @@ def violations(modules: dict[str, set[str]], importer: str, forbidden: tuple[str
 
 def test_the_modules_are_found() -> None:
     assert {"meteorit.bus.ipc", "meteorit.worker.writer", "meteorit.master.arbiter",
-            "meteorit.consumer.command", "meteorit.record", "meteorit.config"} <= MODULES.keys()
+            "meteorit.consumer.command", "meteorit.record", "meteorit.config", "meteorit.scoreboard"} <= MODULES.keys()
 
 
 @pytest.mark.parametrize(("importer", "forbidden"), [
@@ -67,6 +67,8 @@ def test_the_modules_are_found() -> None:
                          "meteorit.config")),
     ("meteorit.record", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.metrics", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+    ("meteorit.scoreboard", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus",
+                             "meteorit.metrics")),
 ])
 def test_package_imports_nothing_it_must_not(importer: str, forbidden: tuple[str, ...]) -> None:
     assert violations(MODULES, importer, forbidden) == []

@@ -1,44 +1,27 @@
 """Counters across workers: /metrics and /v1/stats sum what every worker counted, a worker
-that does not answer is reported missing, and per-key rate limits hold across workers."""
+that does not answer is reported missing (its last known counts stay), a worker killed
+with SIGKILL keeps its counts in the totals, the Prometheus text follows Prometheus's
+conventions (read with prometheus_client's own parser), and per-key rate limits hold
+across workers."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
-import re
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import redis as redislib
 
 from conftest import Meteorit, RedisServer, wait_until
 from meteorit import metrics
+from exposition import Samples, by_worker, samples, total
 
 pytestmark = pytest.mark.slow
-
-SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        name, labels, value = match.groups()
-        pairs = frozenset(tuple(p.split("=", 1)) for p in re.findall(r'\w+="[^"]*"', labels or ""))
-        out[(name, frozenset((k, v.strip('"')) for k, v in pairs))] = float(value)
-    return out
-
-
-def total(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
-
 
 @pytest.fixture
 def served(meteorit_factory: Callable[..., Meteorit], redis: redislib.Redis,
@@ -65,14 +48,13 @@ def test_metrics_sum_what_every_worker_counted(served: Meteorit, redis: redislib
     assert total(found, "meteorit_events_rejected_total", reason="invalid") == 2
     assert total(found, "meteorit_events_rejected_total", reason="unsupported_media_type") == 1
     assert total(found, "meteorit_request_duration_seconds_count") >= 11
-    assert total(found, "meteorit_redis_batch_size_count") == total(found, "meteorit_redis_writes_total") >= 1
+    assert total(found, "meteorit_redis_batch_events_count") == total(found, "meteorit_redis_writes_total") >= 1
     assert total(found, "meteorit_workers") == 2 and total(found, "meteorit_workers_missing") == 0
     assert total(found, "meteorit_master_up") == 1
     assert total(found, "meteorit_events_spooled_total") == 0  # Redis took everything
     assert total(found, "meteorit_worker_restarts_total") == 0
-    per_worker = [v for (name, labels), v in found.items()
-                  if name == "meteorit_events_accepted_total" and dict(labels).get("worker")]
-    assert len(per_worker) == 2 and sum(per_worker) == 35
+    # one series per worker and none beside them: sum() counts every event once
+    assert by_worker(found, "meteorit_events_accepted_total").keys() == {"0", "1"}
     # the +Inf bucket of a histogram holds every observation
     assert total(found, "meteorit_request_duration_seconds_bucket", le="+Inf") == \
         total(found, "meteorit_request_duration_seconds_count")
@@ -95,19 +77,89 @@ def test_what_a_worker_sees_now_is_per_worker_never_summed() -> None:
 
 
 def test_a_worker_that_does_not_answer_is_reported_missing(served: Meteorit) -> None:
+    """...and its counts stay in the totals: its series are its last known counts, from
+    the scoreboard, so a slow worker does not make the totals go back."""
+    accepted = post_until_both_workers_served(served)
     pids = served.worker_pids()
     frozen = pids[1]
     os.kill(frozen, signal.SIGSTOP)
     try:
-        # a connection the kernel gives the frozen worker times out: try another
-        text = wait_until(lambda: _get(served.port, "/metrics"), 30, "a scrape answered by the live worker")
-        found = samples(text)
+        # a connection the kernel gives the frozen worker times out: scrape_until tries another
+        found = scrape_until(served, lambda found: total(found, "meteorit_workers_missing"))
         assert total(found, "meteorit_workers") == 1
         assert total(found, "meteorit_workers_missing") == 1
+        assert by_worker(found, "meteorit_events_accepted_total") == accepted
         stats = json.loads(wait_until(lambda: _get(served.port, "/v1/stats"), 30, "stats"))
         assert stats["missing_workers"] == [frozen]
+        assert [w["pid"] for w in stats["stale_workers"]] == [frozen]
+        assert stats["total"]["events_accepted"] == sum(accepted.values())
     finally:
         os.kill(frozen, signal.SIGCONT)
+
+
+def post_until_both_workers_served(m: Meteorit) -> dict[str, float]:
+    """Single events on new connections until each worker accepted some (the kernel picks
+    the worker of each connection); returns the per-worker counts a scrape then shows."""
+    posted = [0]
+
+    def both_served() -> bool:
+        assert m.post({"type": "spread"})[0] == 202
+        posted[0] += 1
+        counts = by_worker(samples(m.request("GET", "/metrics")[2].decode()), "meteorit_events_accepted_total")
+        return len(counts) == 2 and all(counts.values())
+    wait_until(both_served, 30, "both workers to accept events")
+    return by_worker(scrape_until(m, lambda found: total(found, "meteorit_events_accepted_total") == posted[0]),
+                     "meteorit_events_accepted_total")
+
+
+def scrape_until(m: Meteorit, check: Callable[[Samples], Any]) -> Samples:
+    """The first scrape that passes `check` (a scrape within 0.5 s of another is answered
+    from that one's cache: this waits for a fresh one)."""
+    def scraped() -> Samples | None:
+        text = _get(m.port, "/metrics")
+        found = samples(text) if text is not None else None
+        return found if found is not None and check(found) else None
+    return wait_until(scraped, 30, "a scrape that passes the check")
+
+
+def test_totals_keep_what_workers_killed_with_sigkill_counted(served: Meteorit, redis: redislib.Redis) -> None:
+    """kill -9 sends no final report: the master reads each dead worker's last snapshot
+    from the scoreboard, once, so the totals after the respawn hold every event."""
+    accepted = post_until_both_workers_served(served)
+    for _ in range(5):
+        assert served.post([{"type": "batch"}] * 10)[0] == 202
+    n = redis.llen("meteorit:events")
+    assert n == sum(accepted.values()) + 50
+    # a scrape that gathered every count: each worker wrote its board as it answered
+    scraped = scrape_until(served, lambda found: total(found, "meteorit_events_accepted_total") == n)
+    old = served.worker_pids()
+    for pid in old.values():
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(served.logs("worker serving")) >= 4, 30, "both workers respawned and serving")
+    found = scrape_until(served, lambda found: total(found, "meteorit_workers") == 2)
+    assert total(found, "meteorit_events_accepted_total") == n  # >= n: nothing lost; == n: counted once
+    assert by_worker(found, "meteorit_events_accepted_total") == {"0": 0, "1": 0, "exited": n}
+    assert total(found, "meteorit_requests_total", status="202", worker="exited") == \
+        total(scraped, "meteorit_requests_total", status="202")
+    assert total(found, "meteorit_worker_restarts_total") == 2
+    stats = served.ctl_json("stats")
+    assert stats["total"]["events_accepted"] == n and stats["exited"]["events_accepted"] == n
+    assert "connections" not in stats["exited"]  # a gauge of a live worker, not summed for the dead
+
+
+def test_a_killed_worker_keeps_what_it_counted_up_to_its_last_second(served: Meteorit,
+                                                                     redis: redislib.Redis) -> None:
+    """No scrape before the kill: the counts reach the scoreboard on the worker's
+    once-a-second tick."""
+    for _ in range(10):
+        assert served.post({"type": "unscraped"})[0] == 202
+    time.sleep(2.5)  # the contract itself: counts older than a second survive a SIGKILL
+    for pid in served.worker_pids().values():
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(served.logs("worker serving")) >= 4, 30, "both workers respawned and serving")
+    found = scrape_until(served, lambda found: total(found, "meteorit_workers") == 2)
+    assert by_worker(found, "meteorit_events_accepted_total") == {"0": 0, "1": 0, "exited": 10}
+    assert redis.llen("meteorit:events") == 10
 
 
 def _get(port: int, path: str) -> str | None:
@@ -177,9 +229,7 @@ def test_totals_do_not_go_back_when_workers_are_replaced(served: Meteorit) -> No
         text = _get(served.port, "/metrics")
         if text is None:
             return None
-        found = samples(text)
-        per_worker = sum(v for (name, labels), v in found.items()
-                         if name == "meteorit_events_accepted_total" and dict(labels).get("worker"))
-        return total(found, "meteorit_events_accepted_total"), per_worker
-    # the old workers' final counts reach the master as they exit
+        accepted = by_worker(samples(text), "meteorit_events_accepted_total")
+        return accepted.pop("exited", 0), sum(accepted.values())
+    # the old workers' last counts, written to the scoreboard as they exit, go to `exited`
     assert wait_until(lambda: totals() == (10, 0), 20, "the total to keep the replaced workers' counts")

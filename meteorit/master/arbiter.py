@@ -1,7 +1,9 @@
 """The master process: binds, forks, supervises. It never does request work.
 
 Owns: the selector loop, the reaction to signals and the maintenance pass run at every
-turn of the loop, the embedded redis-server when configured, and the master's identity
+turn of the loop, the embedded redis-server when configured (embedded.py restarts it
+without blocking the loop), the totals of workers that exited (read from each slot's
+scoreboard segment when its worker is reaped, scoreboard.py), and the master's identity
 (pid file, `server.user`, systemd notify). Signals:
 
     TERM, INT   fast stop: workers close at once, then the master exits
@@ -45,7 +47,8 @@ from ..bus import ipc
 from ..bus.ipc import MASTER_SLOT, Bus, Pipes
 from ..config import Config
 from ..errors import MeteoritError
-from ..worker.process import FINAL_ALERT, MASTER_STATS_ALERT, READY_ALERT, STATS_ALERT
+from ..scoreboard import Scoreboard
+from ..worker.process import MASTER_STATS_ALERT, READY_ALERT, STATS_ALERT
 from . import listeners, pidfile, systemd
 from .commands import Commands
 from .control import ControlServer
@@ -70,6 +73,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.pipes: Pipes | None = None
         self.bus: Bus | None = None
+        self.scoreboard: Scoreboard | None = None  # each slot's counters, kept past its worker's death
         self.wake_r, self.wake_w = -1, -1
         self.stopping = False
         self.kill_deadline = 0.0
@@ -77,7 +81,7 @@ class Master:
         self.control: ControlServer | None = None
         self._events = 0  # selector events of the key being dispatched
         self.started = time.monotonic()
-        self.retired: metrics.Snapshot = {}  # the summed final counters of workers that exited
+        self.retired: metrics.Snapshot = {}  # the summed last counters of workers that exited
         self.retired_pids: deque[int] = deque(maxlen=256)  # recent ones: a scrape may still see them
         self.notify = systemd.Notifier.from_env()  # every call a no-op without NOTIFY_SOCKET
         self.heartbeat = systemd.Heartbeat(self.notify, systemd.watchdog_interval(), STATS_ALERT)
@@ -126,10 +130,10 @@ class Master:
             self.redis_url = self.redis.url
         self._install_signals()
         self.pipes = Pipes(cfg.server.max_workers)
+        self.scoreboard = Scoreboard(cfg.server.max_workers)
         self.bus = Bus(self.pipes, MASTER_SLOT, os.getpid(), {})
         self.bus.attach_selector(self.selector)
-        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats,
-                          FINAL_ALERT: self._on_worker_final})
+        self.bus.receive({READY_ALERT: self._on_worker_ready, MASTER_STATS_ALERT: self._on_master_stats})
         ipc.install(self.bus)
         self.control = ControlServer(cfg.control.socket, cfg.control.group, self.selector,
                                      self.commands.handle)
@@ -213,6 +217,8 @@ class Master:
         if hot_deadline is not None:
             waits.append(hot_deadline - now)
         waits.append(self.heartbeat.timeout(now))
+        if self.redis is not None and not self.stopping:
+            waits.append(self.redis.wait(now))
         return max(0.01, min([1.0, *waits]))
 
     def _dispatch_io(self, tag: tuple[str, int | None] | None) -> None:
@@ -309,6 +315,7 @@ class Master:
                 continue
             worker = self.slots.pop(pid)
             if worker is not None:
+                self._count_exited(worker)
                 self._worker_exited(worker, status)
                 self.slots.announce()
 
@@ -339,18 +346,50 @@ class Master:
         log.info("worker ready", extra={"slot": worker.slot, "worker_pid": worker.pid,
                                         "config_version": worker.version})
 
-    def _on_worker_final(self, data: bytes) -> None:
+    def _count_exited(self, worker: WorkerProcess) -> None:
+        """What a worker that exited counted, from its slot of the scoreboard (written as it
+        exited, or at most a second before a SIGKILL), goes to the exited workers' totals.
+        Once: the exit is reaped once, and the slot is cleared before its next worker."""
+        assert self.scoreboard is not None
+        last = self._board_snapshot(worker.slot, worker.pid)
+        self.scoreboard.clear(worker.slot)
+        if last is not None:
+            self.retired = metrics.add_exited(self.retired, last)
+        self.retired_pids.append(worker.pid)
+
+    def _board_snapshot(self, slot: int, pid: int) -> metrics.Snapshot | None:
+        """The slot's snapshot on the scoreboard if worker `pid` wrote it."""
+        assert self.scoreboard is not None
+        packed = self.scoreboard.read(slot)
+        if packed is None:
+            return None  # it died before its first second
         try:
-            snapshot = msgpack.unpackb(data)
-        except Exception as exc:
-            log.error("final counters of pid %s do not decode: %s", ipc.sender, exc)
-            return
-        self.retired = metrics.total([self.retired, snapshot])
-        if ipc.sender is not None:
-            self.retired_pids.append(ipc.sender)
+            snapshot = msgpack.unpackb(packed)
+        except (ValueError, msgpack.UnpackException) as exc:  # checksummed: only a bug of ours
+            log.error("scoreboard of slot %d does not decode: %s", slot, exc)
+            return None
+        return snapshot if isinstance(snapshot, dict) and snapshot.get("pid") == pid else None
+
+    def last_known(self, pids: list[int]) -> list[metrics.Snapshot]:
+        """The scoreboard snapshots of those `pids` that still run (workers that did not
+        answer a gather in time): their counts stay in the totals."""
+        found = []
+        for pid in pids:
+            worker = self.slots.by_pid(pid)
+            snapshot = self._board_snapshot(worker.slot, pid) if worker is not None else None
+            if snapshot is not None:
+                found.append(snapshot)
+        return found
 
     def _on_master_stats(self, data: bytes) -> None:
-        ipc.reply("master.stats", msgpack.packb(self.snapshot()))
+        try:
+            missing = msgpack.unpackb(data) if data else []
+        except (ValueError, msgpack.UnpackException):
+            missing = []
+        if not isinstance(missing, list):
+            missing = []
+        pids = [p for p in missing[:self.config.server.max_workers] if isinstance(p, int)]
+        ipc.reply("master.stats", msgpack.packb({**self.snapshot(), "last_known": self.last_known(pids)}))
 
     def snapshot(self) -> dict[str, Any]:
         """The master's own counters, for status, stats and /metrics."""
@@ -359,6 +398,7 @@ class Master:
                 "workers_wanted": self.target, "worker_restarts": sum(self.slots.restarts.values()),
                 "reloads": self.reload.reloads, "reload_failures": self.reload.failures,
                 "reloading": self.reload.in_progress,
+                "embedded_redis": self.redis.describe() if self.redis is not None else None,
                 "retired": self.retired, "retired_pids": list(self.retired_pids)}
 
     # --- systemd, pid file, user (see systemd.py, pidfile.py, privileges.py)
@@ -406,12 +446,10 @@ class Master:
                           f"{self.target} workers, config {self.config.version}")
 
     def _maintain_redis(self) -> None:
-        if self.redis is not None and self.redis.pid is None:
-            log.warning("restarting embedded redis")
-            try:
-                self.redis.start()
-            except MeteoritError as exc:
-                log.error("embedded redis: %s", exc)
+        """A dead embedded Redis is started again without the loop waiting for it (see
+        embedded.py); the workers spool until it answers."""
+        if self.redis is not None:
+            self.redis.supervise(time.monotonic())
 
 
 def _sysctl(name: str) -> str | None:

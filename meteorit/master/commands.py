@@ -60,6 +60,9 @@ class Owner(Protocol):
     def snapshot(self) -> dict[str, Any]:
         """The master's own counters and state."""
 
+    def last_known(self, pids: list[int]) -> list[dict[str, Any]]:
+        """The scoreboard snapshots of those running workers (that did not answer)."""
+
 
 class Commands:
     def __init__(self, owner: Owner, slots: Slots, reload: Reload) -> None:
@@ -96,7 +99,8 @@ class Commands:
     def cmd_stats(self, conn: Connection, request: dict[str, Any]) -> None:
         def reply(replies: dict[int, bytes], missing: list[int]) -> Reply:
             workers = [msgpack.unpackb(data) for data in replies.values()]
-            return {"ok": True, **metrics.stats_document(workers, missing, self.owner.snapshot())}
+            return {"ok": True, **metrics.stats_document(workers, missing, self.owner.snapshot(),
+                                                         self.owner.last_known(missing))}
         self._gather(conn, STATS_ALERT, b"", STATS_TIMEOUT, None, reply)
 
     def cmd_reload(self, conn: Connection, request: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from ..bus.ipc import MASTER_SLOT, Bus, Pipes
 from ..config import Config
 from ..errors import IpcError, MeteoritError
+from ..scoreboard import Scoreboard
 from ..worker.process import EXIT_BOOT_ERROR, Worker
 from .listeners import Listeners
 
@@ -55,6 +56,7 @@ class Owner(Protocol):
     redis_url: str
     pipes: Pipes | None
     bus: Bus | None
+    scoreboard: Scoreboard | None
 
     def worker_must_close(self) -> list[int]:
         """The master's own descriptors, which no worker may keep."""
@@ -109,8 +111,10 @@ class Slots:
         owner = self.owner
         assert owner.pipes is not None and owner.bus is not None
         sockets = self.listeners.of_slot(slot)
+        assert owner.scoreboard is not None
+        owner.scoreboard.clear(slot)  # the new worker counts from zero (the last one's were taken)
         worker = Worker(slot, owner.config, sockets, owner.redis_url, os.getpid(),
-                        owner.pipes, owner.bus.table,
+                        owner.pipes, owner.bus.table, owner.scoreboard,
                         close_fds=(*owner.worker_must_close(), *self.listeners.fds_besides(slot)))
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,8 +2,10 @@
 
 Owns: everything a worker does after fork: resetting the signals it inherited, building
 its own loop (never the master's), the HTTP servers, the Redis writer, the once-a-second
-tick (Date header, timeouts, orphan check) and its graceful and fast stops.
-Must not touch: forking (workers never fork), other workers, the master's state.
+tick (Date header, timeouts, orphan check, its counters onto the scoreboard) and its
+graceful and fast stops.
+Must not touch: forking (workers never fork), other workers, the master's state, other
+slots' scoreboard segments (it unmaps them after fork).
 
 The constructor runs in the master before fork and only stores its arguments.
 """
@@ -25,6 +27,7 @@ import uvloop
 
 from ..bus import ipc
 from .. import metrics, privileges
+from ..scoreboard import Scoreboard
 from .. import log as logsetup
 from .app import EventsApp
 from ..config import Config
@@ -47,18 +50,18 @@ PING_ALERT = "ping"  # any data; replies {"pid", "version"} as JSON
 CONFIG_ALERT = "config.apply"  # msgpack of the settings; applies the hot ones, replies the version
 STATS_ALERT = "stats.get"  # replies this worker's counters (msgpack)
 RATE_ALERT = "rate.demand"  # broadcast by each worker: its per-key demand, for the rate shares
-MASTER_STATS_ALERT = "master.stats"  # asked of the master: its own counters
-FINAL_ALERT = "worker.final"  # to the master as a worker exits: its last counters
+MASTER_STATS_ALERT = "master.stats"  # asked of the master (data: msgpack of the pids that did
+# not answer a gather): its own counters, the exited workers' and those pids' last known
 STATS_TIMEOUT = 0.5  # seconds /metrics waits for the workers' counters
 
-TICK = 1.0  # seconds: Date header, timeout sweep, orphan check
+TICK = 1.0  # seconds: Date header, timeout sweep, orphan check, counters onto the scoreboard
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT) + IGNORED_SIGNALS
 
 
 class Worker:
     def __init__(self, slot: int, config: Config, sockets: list[socket.socket], redis_url: str,
-                 master_pid: int, pipes: Pipes, table: dict[int, int],
+                 master_pid: int, pipes: Pipes, table: dict[int, int], scoreboard: Scoreboard,
                  close_fds: tuple[int, ...] = ()) -> None:
         self.slot = slot
         self.config = config
@@ -68,6 +71,7 @@ class Worker:
         self.close_fds = close_fds
         self.pipes = pipes
         self.table = dict(table)
+        self.scoreboard = scoreboard  # our slot's segment: the master reads it if we die
         self.bus: Bus | None = None
         self.stopping = False
         self.stop_requested = False  # a stop signal that came during boot
@@ -95,19 +99,18 @@ class Worker:
         finally:
             self.loop.run_until_complete(self.writer.close())
             self.loop.close()
+        self.publish_counters()  # final: the master adds them to the exited workers' totals
         log.info("worker exits", extra=self._totals())
-        self._send_final_counts()
         return EXIT_OK
 
-    def _send_final_counts(self) -> None:
-        """The master adds them to the service's totals, which so never go back when a
-        worker leaves (a worker killed outright takes its counts with it)."""
-        assert self.bus is not None
-        self.bus.defer = None  # the loop is closed: write now (one small alert fits the pipe)
-        try:
-            self.bus.send(self.master_pid, FINAL_ALERT, msgpack.packb(self.snapshot()))
-        except (IpcError, OSError) as exc:
-            log.warning("final counters not sent to the master: %s", exc)
+    def publish_counters(self) -> bytes:
+        """Our snapshot onto the scoreboard, where the master finds it even after a
+        SIGKILL; returns it packed. A memory copy: it cannot block or fail on a full pipe."""
+        packed = msgpack.packb(self.snapshot())
+        if not self.scoreboard.write(self.slot, packed):
+            log.error("counters of %d bytes do not fit the scoreboard; the master keeps older ones",
+                      len(packed))
+        return packed
 
     def _totals(self) -> dict[str, object]:
         """What this worker did, for its last log line (benchmarks and chaos tests read it)."""
@@ -165,6 +168,7 @@ class Worker:
 
     def _reset_inherited_state(self) -> None:
         signal.set_wakeup_fd(-1)
+        self.scoreboard.keep_only(self.slot)
         for sig in MASTER_SIGNALS:
             signal.signal(sig, signal.SIG_IGN if sig in IGNORED_SIGNALS else signal.SIG_DFL)
         # Until boot is done a stop is only recorded: uvloop's own handlers lose a signal
@@ -254,7 +258,9 @@ class Worker:
         ipc.reply("config.applied", new.version)
 
     def _on_stats(self, data: bytes) -> None:
-        ipc.reply("stats", msgpack.packb(self.snapshot()))
+        # onto the scoreboard too: what the master reads of us after we die is never less
+        # than what a scrape already counted
+        ipc.reply("stats", self.publish_counters())
 
     def snapshot(self) -> metrics.Snapshot:
         assert self.app is not None and self.writer is not None and self.state is not None
@@ -272,17 +278,20 @@ class Worker:
             "spool_bytes": self.writer.spool_bytes})
 
     async def _collect_stats(self) -> metrics.Snapshot:
-        """Every worker's counters over the bus, and the master's: for /metrics and /v1/stats."""
+        """Every worker's counters over the bus, then the master's, with the last known
+        counters of the workers that did not answer: for /metrics and /v1/stats."""
         assert self.bus is not None
         expected = set(self.bus.worker_pids)
         replies = await self.bus.gather(STATS_ALERT, b"", STATS_TIMEOUT)
+        missing = sorted(expected - replies.keys())
         try:
             master = msgpack.unpackb(await self.bus.request(
-                self.master_pid, MASTER_STATS_ALERT, b"", STATS_TIMEOUT))
+                self.master_pid, MASTER_STATS_ALERT, msgpack.packb(missing), STATS_TIMEOUT))
         except (asyncio.TimeoutError, IpcError):
             master = None
+        last_known = master.pop("last_known", []) if master is not None else []
         workers = [msgpack.unpackb(data) for data in replies.values()]
-        return metrics.stats_document(workers, sorted(expected - replies.keys()), master)
+        return metrics.stats_document(workers, missing, master, last_known)
 
     def _report_demand(self) -> None:
         assert self.app is not None and self.loop is not None and self.bus is not None
@@ -316,6 +325,7 @@ class Worker:
         self.state.check_timeouts()
         assert self.writer is not None
         self.writer.check_spools()  # replay our spool and orphans while Redis can take them
+        self.publish_counters()
         if os.getppid() != self.master_pid and not self.stopping:
             log.error("master %d is gone; stopping", self.master_pid)
             self.handle_quit()
