@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -376,9 +377,11 @@ def test_the_new_counters_are_in_metrics(served: Meteorit) -> None:
     text = body.decode()
     assert status == 200
     assert "# TYPE meteorit_cors_refused_total counter" in text
-    assert 'meteorit_pixel_requests_total{outcome="unauthorized"}' in text
-    wait_until(lambda: 'meteorit_events_rejected_total{reason="unauthorized"}' in
-               served.request("GET", "/metrics")[2].decode(), 5, "the refusal in /metrics")
+    # per worker, as Prometheus wants it: no unlabeled total beside the series
+    wait_until(lambda: re.search(r'^meteorit_pixel_requests_total\{outcome="unauthorized",worker="\d+"\} [1-9]',
+                                 served.request("GET", "/metrics")[2].decode(), re.M), 5, "the pixel in /metrics")
+    wait_until(lambda: re.search(r'^meteorit_events_rejected_total\{reason="unauthorized",worker="\d+"\} [1-9]',
+                                 served.request("GET", "/metrics")[2].decode(), re.M), 5, "the refusal in /metrics")
 
 
 @pytest.mark.parametrize(("auth", "warned"), [

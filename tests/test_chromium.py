@@ -150,7 +150,9 @@ def test_the_snippet_sends_by_fetch_then_by_beacon_when_the_page_is_left(
         meteorit.track("click", {n: 3, nested: {a: [1, 2]}});
         meteorit.flush();""")
     fetched = wait_for_events(redis, 3, "the fetched batch in Redis")
-    sent = browser.execute_script("return meteorit.stats()")
+    # the 202 reaches the page a moment after Redis has the events
+    sent = wait_until(lambda: (lambda s: s if s["sent"] else None)(browser.execute_script("return meteorit.stats()")),
+                      10, "the page to see its batch acknowledged")
     assert (sent["sent"], sent["beacons"], sent["queued"], sent["dropped"]) == (3, 0, 0, 0)
     # these two wait in the queue (the timer is 10 minutes away) until the page is left
     browser.execute_script("""meteorit.track("scroll", {n: 4}); meteorit.track("leave", {n: 5});""")
