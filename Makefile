@@ -4,14 +4,16 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := redis-server wrk tmux  # each package installs a command of the same name (tmux: tests/test_ctl_top.py)
+SYSTEM_PACKAGES := redis-server wrk tmux npm  # each package installs a command of the same name (tmux: tests/test_ctl_top.py; npm, with node: tests/test_segment_sdks.py)
+# written by npm ci: the Node SDK tests/test_segment_sdks.py drives is installed
+NODE_SDK := tests/node/node_modules/.package-lock.json
 
 .PHONY: run test bench package system-deps
 
 run: $(VENV)/.installed system-deps
 	$(VENV)/bin/meteorit -c conf/meteorit.toml
 
-test: $(VENV)/.installed system-deps
+test: $(VENV)/.installed system-deps $(NODE_SDK)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed system-deps
@@ -19,6 +21,10 @@ bench: $(VENV)/.installed system-deps
 
 package:  # dist/: sdist, wheel and meteorit_VERSION-1_ARCH.deb (see bin/meteorit-package)
 	bin/meteorit-package
+
+# the Segment Node SDK tests/test_segment_sdks.py drives, as locked in tests/node/package-lock.json
+$(NODE_SDK): tests/node/package-lock.json | system-deps
+	cd tests/node && npm ci --no-audit --no-fund
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)

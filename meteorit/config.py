@@ -127,6 +127,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("events", "context", [], context_fields,
             "Adds a `context` object to each record with these request values: \"ip\" (see "
             "server.trusted_proxies), \"user_agent\", \"referer\", \"origin\"; empty: none.", reload=HOT),
+    Setting("segment", "max_message_size", "32KiB", size,
+            "Segment tracking API: largest message of a batch (as compact JSON), and largest body of a "
+            "single call (/v1/track, ...); past it, 400, as Segment answers.", reload=HOT),
+    Setting("segment", "max_batch_size", "500KiB", size,
+            "Segment tracking API: largest body of a /v1/batch, once inflated; past it, 400. "
+            "limits.max_body and limits.max_events_per_request apply too.", reload=HOT),
     Setting("control", "socket", "var/run/meteorit.sock", non_empty_str,
             "The master's Unix control socket, for meteoritctl; relative to the working directory.",
             reload=RESTART),

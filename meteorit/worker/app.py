@@ -3,7 +3,9 @@
 Owns: routing, the steps every event request goes through (key, Origin rules, body or query
 into events, request context, records, per-key rate limit, the writer), turning EventError
 and writer states into statuses, and the worker's request counters. The browser routes
-(preflights, the pixel, the snippet) are meteorit.worker.browser's. Must not touch: sockets
+(preflights, the pixel, the snippet) are meteorit.worker.browser's, the Segment tracking API's
+(`/v1/batch`, `/v1/track`, ...) meteorit.worker.segment's: both go through the same steps and
+answer in their own way (an `Answer`). Must not touch: sockets
 (http), Redis (writer: events go to Redis only through `RedisWriter.submit`) or the bus (the
 worker gives the app a `collect_stats` coroutine that gathers every worker's counters).
 
@@ -11,6 +13,8 @@ worker gives the app a `collect_stats` coroutine that gathers every worker's cou
                             202 {"accepted": N, "spooled": true} once the spool has them
     GET     /v1/pixel.gif   a 1x1 GIF, and one event from the query string (browser.py)
     GET     /v1/meteorit.js the browser snippet (browser.py)
+    POST    /v1/batch       200 {"success": true}, the Segment tracking API (segment.py), and
+            /v1/track, /v1/identify, /v1/page, /v1/screen, /v1/group, /v1/alias
     OPTIONS any of those    CORS preflight (browser.py)
     GET     /healthz        200 while the worker runs
     GET     /readyz         200 when Redis or the spool can take events, else 503
@@ -18,8 +22,9 @@ worker gives the app a `collect_stats` coroutine that gathers every worker's cou
     GET     /v1/stats       the same as JSON
 
 The plain `POST /v1/events` pays for the browser face with three attribute tests (CORS,
-keys, context configured?) and one more call (`submit`, shared with the pixel): no Origin
-lookup, no query parsing, no context object unless configured.
+keys, context configured?) and one more call (`submit`, shared with the pixel and Segment):
+no Origin lookup, no query parsing, no context object unless configured. Its path is tested
+first: the other routes cost it nothing.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import orjson
 
-from . import browser, compression, events, query
+from . import browser, compression, events, query, segment
 from .. import metrics, record
 from ..config import Config
 from ..errors import EventError, WriterUnavailable
@@ -41,12 +46,11 @@ from .cors import CorsPolicy
 from .http import KEPT_HEADERS, Exchange
 from .keys import NO_KEY, QUERY_KEY, SECRET_IN_URL, KeyRing
 from .ratelimit import KeyRates, retry_after
-from .response import TEXT_TYPE, error_body
+from .response import RETRY_AFTER, TEXT_TYPE, error_body
 from .writer import RedisWriter
 
 log = logging.getLogger("meteorit.app")
 
-RETRY_AFTER = b"Retry-After: 1\r\n"
 ALLOW_GET = b"Allow: GET\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="meteorit"\r\n'
 REFUSAL_HEADERS = {401: WWW_AUTHENTICATE, 503: RETRY_AFTER}
@@ -58,6 +62,17 @@ EVENTS_PATH = b"/v1/events"
 STATS_PATHS = (b"/healthz", b"/readyz", b"/metrics", b"/v1/stats")
 
 CollectStats = Callable[[], Awaitable[metrics.Snapshot]]
+
+
+class Answer(Protocol):
+    """How a route other than `POST /v1/events` answers the event request it submitted or
+    refused (the pixel: a GIF whatever happens; Segment: `{"success": true}`)."""
+
+    def accepted(self, app: EventsApp, exchange: Exchange, start: float, count: int, spooled: bool,
+                 extra: bytes) -> None: ...
+
+    def refused(self, app: EventsApp, exchange: Exchange, start: float, exc: EventError,
+                extra: bytes) -> None: ...
 
 
 class EventsApp:
@@ -86,6 +101,8 @@ class EventsApp:
         self.max_body = config.limits.max_body
         self.max_events = config.limits.max_events_per_request
         self.max_event_size = config.limits.max_event_size
+        self.segment = segment.Limits(config.segment.max_message_size, config.segment.max_batch_size,
+                                      config.limits.max_events_per_request)
         all_keys = tuple(config.auth.keys) + tuple(config.auth.public_keys)
         rates = (config.limits.key_rate, config.limits.key_burst, all_keys)
         if self._rates_key != rates:  # new rates or keys: new buckets (a key's index may change)
@@ -109,6 +126,10 @@ class EventsApp:
         if path == EVENTS_PATH:
             if method == b"POST":
                 return self.post_events(exchange, start, url, headers, body)
+            return browser.other_method(self, exchange, start, method, headers, browser.POST_METHODS)
+        if path in segment.ROUTES:
+            if method == b"POST":
+                return segment.post(self, exchange, start, url, headers, body, segment.ROUTES[path])
             return browser.other_method(self, exchange, start, method, headers, browser.POST_METHODS)
         if path in browser.GET_ROUTES:
             if method == b"GET":
@@ -138,7 +159,7 @@ class EventsApp:
                 raise EventError(415, "use application/json, application/x-ndjson or application/msgpack")
             encoding = headers.get(b"content-encoding")
             if encoding is not None:
-                body = self._inflate(body, encoding)
+                body = self.inflate(body, encoding)
             batch = events.decode(body, fmt, self.max_events)
             if self.context is not None:
                 attach(batch, self.context.build(exchange.peer_address(), headers))
@@ -160,13 +181,15 @@ class EventsApp:
         self.counters.cors_refused += 1
         return b""
 
-    def identify(self, url: bytes, headers: dict[bytes, bytes], query_key: str | None = None) -> int:
+    def identify(self, url: bytes, headers: dict[bytes, bytes], query_key: str | None = None,
+                 body_key: str | None = None) -> int:
         """The number of the request's key (call only with keys configured); EventError 401
-        without a valid one, 403 for a public key used from an origin not allowed."""
+        without a valid one, 403 for a public key used from an origin not allowed.
+        `body_key`: one the body carries (Segment's `writeKey`)."""
         keys = self.keys
         if query_key is None and keys.public and b"?" in url:
             query_key = query.parse(query.split_target(url)[1]).get(QUERY_KEY)
-        index = keys.identify(headers, query_key)
+        index = keys.identify(headers, query_key, body_key)
         if index == SECRET_IN_URL:
             raise EventError(401, "this key is secret (auth.keys): send it in a header, never in a URL; "
                              "pages use a public key (auth.public_keys)")
@@ -178,44 +201,44 @@ class EventsApp:
                 raise EventError(403, "this public key may not be used from this origin (http.cors_origins)")
         return index
 
-    def _inflate(self, body: bytes, header: bytes) -> bytes:
+    def inflate(self, body: bytes, header: bytes) -> bytes:
         encoding = compression.encoding_of(header)
         if encoding is None:
             raise EventError(415, "use Content-Encoding gzip or deflate, or none")
         return compression.inflate(body, encoding, self.max_body)
 
     def submit(self, exchange: Exchange, start: float, key: int, records: list[bytes], size: int,
-               extra: bytes, pixel: bool = False) -> None:
+               extra: bytes, answer: Answer | None = None) -> None:
         """Past the key's rate limit, to the writer; answered once Redis or the spool has
-        every record, or refused whole. `pixel`: answered with the GIF whatever happens."""
+        every record, or refused whole; by `answer`, else as `POST /v1/events` answers."""
         count = len(records)
         if key >= 0 and self.rates.enabled:
             wait = self.rates.admit(key, count, start)
             if wait:
                 return self.refuse(exchange, start, EventError(429, "over this API key's rate limit"), count,
-                                   b"Retry-After: %d\r\n%s" % (retry_after(wait), extra), pixel)
+                                   b"Retry-After: %d\r\n%s" % (retry_after(wait), extra), answer)
 
         def done(error: Exception | None, spooled: bool) -> None:
             if error is not None:
-                self.refuse(exchange, start, EventError(503, "queue unavailable"), count, extra, pixel)
+                self.refuse(exchange, start, EventError(503, "queue unavailable"), count, extra, answer)
                 return
             self.counters.events_accepted += count
-            if pixel:
-                browser.pixel_reply(self, exchange, start, browser.ACCEPTED, extra)
+            if answer is not None:
+                answer.accepted(self, exchange, start, count, spooled, extra)
             else:
                 self.reply(exchange, start, 202, (SPOOLED_BODY if spooled else ACCEPTED_BODY) % count, extra)
 
         try:
             self.writer.submit(records, size, done)
         except WriterUnavailable as exc:
-            self.refuse(exchange, start, EventError(503, str(exc)), count, extra, pixel)
+            self.refuse(exchange, start, EventError(503, str(exc)), count, extra, answer)
 
     def refuse(self, exchange: Exchange, start: float, exc: EventError, events_count: int, extra: bytes,
-               pixel: bool = False) -> None:
-        """A refused event request: counted by reason, answered with the error (or the GIF)."""
+               answer: Answer | None = None) -> None:
+        """A refused event request: counted by reason, answered with the error (by `answer`)."""
         self.counters.rejected(exc.status, events_count)
-        if pixel:
-            return browser.pixel_reply(self, exchange, start, metrics.reject_reason(exc.status), extra)
+        if answer is not None:
+            return answer.refused(self, exchange, start, exc, extra)
         self.reply(exchange, start, exc.status, error_body(exc.reason, exc.index),
                     REFUSAL_HEADERS.get(exc.status, b"") + extra)
 

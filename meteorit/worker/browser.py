@@ -22,7 +22,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Callable
 
 from . import query
-from .. import record
+from .. import metrics, record
 from ..errors import EventError
 from .context import attach
 from .http import Exchange
@@ -111,8 +111,25 @@ def get_pixel(app: EventsApp, exchange: Exchange, start: float, url: bytes,
             attach(batch, app.context.build(exchange.peer_address(), headers))
         records, size = record.encode(batch, int(time.time() * 1000), app.ids, app.max_event_size)
     except EventError as exc:
-        return app.refuse(exchange, start, exc, 1, cors, pixel=True)
-    app.submit(exchange, start, key, records, size, cors, pixel=True)
+        return app.refuse(exchange, start, exc, 1, cors, PIXEL_ANSWER)
+    app.submit(exchange, start, key, records, size, cors, PIXEL_ANSWER)
+
+
+class PixelAnswer:
+    """The pixel answers with the GIF whatever becomes of its event; the header and the
+    counter tell the outcome."""
+
+    @staticmethod
+    def accepted(app: EventsApp, exchange: Exchange, start: float, count: int, spooled: bool,
+                 extra: bytes) -> None:
+        pixel_reply(app, exchange, start, ACCEPTED, extra)
+
+    @staticmethod
+    def refused(app: EventsApp, exchange: Exchange, start: float, exc: EventError, extra: bytes) -> None:
+        pixel_reply(app, exchange, start, metrics.reject_reason(exc.status), extra)
+
+
+PIXEL_ANSWER = PixelAnswer()
 
 
 def pixel_reply(app: EventsApp, exchange: Exchange, start: float, outcome: str, extra: bytes) -> None:

@@ -22,6 +22,7 @@ JSON_TYPE = b"application/json"
 TEXT_TYPE = b"text/plain; charset=utf-8"
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+RETRY_AFTER = b"Retry-After: 1\r\n"  # with a 503: the load that made it passes within seconds
 
 
 class Clock:
