@@ -143,6 +143,8 @@ COUNTERS = (  # (snapshot key, metric, help)
      "Request body bytes received on /v1/events (as sent: compressed ones before inflating)."),
     ("cors_refused", "meteorit_cors_refused_total",
      "Preflights refused, and requests answered without CORS headers, for an Origin not in http.cors_origins."),
+    ("requests_abandoned", "meteorit_requests_abandoned_total",
+     "Requests the client half-closed (FIN) before sending them whole: closed at once, not answered."),
     ("redis_writes", "meteorit_redis_writes_total", "Group-commit RPUSH commands Redis acknowledged."),
     ("redis_write_errors", "meteorit_redis_write_errors_total", "RPUSH commands that failed."),
     ("events_spooled", "meteorit_events_spooled_total",

@@ -249,6 +249,58 @@ def test_client_eof_closes_after_the_owed_answers(holding: Server) -> None:
     assert client.closed
 
 
+def test_complete_pipelined_requests_then_eof_are_all_answered_before_the_close(server: Server) -> None:
+    # printf 'POST ...' | nc -q0: the whole conversation, then FIN
+    client = server.connect()
+    client.send(post(url=b"/1") + get(b"/2") + chunked_post([b"ab"], url=b"/3"))
+    client.protocol.eof_received()
+    assert [r.body for r in client.responses] == [b"/1", b"/2", b"/3"]
+    assert client.closed and server.state.abandoned == 0
+
+
+def test_an_idle_keep_alive_connection_that_sends_eof_just_closes(server: Server) -> None:
+    client = server.connect()
+    client.send(get(b"/1"), b"\r\n")  # a stray CRLF after a request begins nothing
+    client.protocol.eof_received()
+    assert client.statuses == [200] and client.closed and server.state.abandoned == 0
+
+
+PARTIAL_REQUESTS = {
+    "request line": b"POST /v1/events HT",
+    "some headers": b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Le",
+    "body shorter than its Content-Length": b"POST /v1/events HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
+    "chunked body without its last chunk": chunked_post([b"abc"])[:-len(b"0\r\n\r\n")],
+    "expect 100-continue, then no body": (b"POST /v1/events HTTP/1.1\r\nExpect: 100-continue\r\n"
+                                          b"Content-Length: 10\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("partial", PARTIAL_REQUESTS.values(), ids=PARTIAL_REQUESTS.keys())
+def test_eof_in_the_middle_of_a_request_closes_at_once_and_counts_it(server: Server, partial: bytes) -> None:
+    """The request can never complete: no wait for header_timeout or body_timeout (nginx:
+    "client prematurely closed connection"), and nothing of it reaches the app."""
+    client = server.connect()
+    client.send(partial)
+    written = client.transport.data  # at most a 100 Continue
+    client.protocol.eof_received()
+    assert client.closed and client.transport.data == written
+    assert server.app.requests == [] and server.state.abandoned == 1
+    client.protocol.check_timeout(monotonic() + 100)  # no 408 comes later either
+    assert client.transport.data == written
+
+
+def test_eof_after_complete_requests_and_a_partial_one_answers_the_complete_ones(holding: Server) -> None:
+    client = holding.connect()
+    client.send(get(b"/1") + get(b"/2") + b"POST /3 HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    client.protocol.eof_received()
+    assert not client.closed  # two answers are owed
+    holding.app.answer(1)
+    holding.app.answer(0)
+    assert [r.body for r in client.responses] == [b"/1", b"/2"]
+    assert client.closed and holding.state.abandoned == 1
+    assert [r.url for r in holding.app.requests] == [b"/1", b"/2"]
+
+
 def test_a_reply_after_the_client_went_away_writes_nothing(holding: Server) -> None:
     client = holding.connect()
     client.send(get(b"/1"))

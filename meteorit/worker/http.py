@@ -11,6 +11,10 @@ may answer exchanges in any order (group commit finishes them in batches), but b
 leave strictly in request order. Reading pauses while `max_pipeline` requests wait, while
 the transport's write buffer is full, and once the connection is set to close.
 
+Half-close: a client's FIN ends its requests, not its answers. Those that came whole are
+answered, then the connection closes; one left incomplete can never complete, so it is
+dropped at once (and counted) instead of held until its timeout.
+
 Timeouts are deadlines, not timers: a connection stores one `deadline` and the worker's
 once-a-second tick calls `check_timeout`, which costs nothing per request.
 """
@@ -54,7 +58,7 @@ class _LimitExceeded(Exception):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors")
+    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors", "abandoned")
 
     def __init__(self, app: App, limits: SimpleNamespace, kept_headers: frozenset[bytes] = KEPT_HEADERS) -> None:
         self.app = app
@@ -64,6 +68,7 @@ class ServerState:
         self.stopping = False
         self.on_idle: asyncio.Event | None = None  # set when the last connection goes
         self.errors: Counter[int] = Counter()  # statuses answered here, before the app saw a request
+        self.abandoned = 0  # requests the client half-closed (FIN) before sending them whole
 
     def check_timeouts(self) -> None:
         now = monotonic()
@@ -197,13 +202,14 @@ class HttpProtocol(asyncio.Protocol):
                     self._fail(431, "request line and headers too large")
 
     def eof_received(self) -> bool | None:
-        # The client is done sending; answer what is in hand, then close.
+        # The client is done sending: answer the requests that came whole, then close.
+        # Returning True keeps our side open for writing them (the loop stops reading).
         if self.lingering:
             self.close()
             return True
-        self.closing = True
-        if not self.pending and not self.in_message:
-            self.close()
+        if self.in_message:
+            self._abandon()
+        self._close_after_owed()
         return True
 
     def pause_writing(self) -> None:
@@ -310,6 +316,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Graceful stop: finish the request in hand and those waiting, then close."""
+        self._close_after_owed()
+
+    def _close_after_owed(self) -> None:
+        """Answer the request being read and those waiting (the last one announces the
+        close), then close; at once if nothing is owed."""
         self.closing = True
         if not self.pending and not self.in_message:
             self.close()
@@ -368,6 +379,16 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
             else:
                 self.transport.resume_reading()
+
+    def _abandon(self) -> None:
+        """The client half-closed in the middle of a request, which so can never complete
+        (nginx: "client prematurely closed connection"): drop it, count it, wait for no
+        timeout. Only the requests that came whole are answered."""
+        self.in_message = self.in_headers = False
+        self.deadline = 0.0
+        self.body = []
+        self.state.abandoned += 1
+        log.debug("client closed its side in the middle of a request")
 
     def _limit(self, status: int, message: str) -> None:
         self.error = (status, message)

@@ -265,7 +265,7 @@ class Worker:
         return metrics.worker_snapshot(counters, self.writer.batch_sizes, {
             "pid": os.getpid(), "slot": self.slot, "version": self.config.version,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "connections": len(self.state.connections),
+            "connections": len(self.state.connections), "requests_abandoned": self.state.abandoned,
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
             "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
             "redis": self.writer.redis_state, "queue_length": self.writer.queue_length,
