@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from meteorit.worker.http import Exchange, HttpProtocol, ServerState
+from meteorit.worker.exchange import Exchange, ServerState
+from meteorit.worker.http import HttpProtocol
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

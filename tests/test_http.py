@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from http_fakes import (CONTINUE, Client, FakeApp, FakeTransport, HalfCloseTransport, Request, Server,
                         chunked_post, get, make_limits, make_server, parse_responses, post, serve)
-from meteorit.worker.http import KEPT_HEADERS, Exchange, HttpProtocol, ServerState
+from meteorit.worker.exchange import KEPT_HEADERS, Exchange, ServerState
+from meteorit.worker.http import HttpProtocol
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from .. import log as logsetup
 from .app import EventsApp
 from ..config import Config
 from ..errors import IpcError
-from .http import HttpProtocol, ServerState
+from .exchange import ServerState
+from .http import HttpProtocol
 from ..bus.ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
