@@ -14,8 +14,9 @@ that exited (the master keeps those), so a total does not go back when a worker 
 replaced. Select `{worker=""}` for the whole service.
 
 A snapshot also holds what a worker sees now (its Redis state, the queue length it last
-saw, its spool's unreplayed bytes: GAUGES), for `meteoritctl top`; they are not summed
-(the final counts of exited workers would keep adding them) nor exported.
+saw, its spool's unreplayed bytes, the bytes of request bodies still arriving it holds:
+GAUGES), for `meteoritctl top` and `stats`; they are not summed (the final counts of exited
+workers would keep adding them) nor exported.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 # Keys of a worker snapshot that are not counters: `total` leaves them out.
 IDENTITY = ("pid", "slot", "version", "uptime_seconds")
-GAUGES = ("redis", "queue_length", "spool_bytes")
+GAUGES = ("redis", "queue_length", "spool_bytes", "body_buffer_bytes")
 
 # Why an event request (POST /v1/events, the pixel) was refused, by status: a small fixed set,
 # so a label, never free text.
@@ -145,6 +146,8 @@ COUNTERS = (  # (snapshot key, metric, help)
      "Preflights refused, and requests answered without CORS headers, for an Origin not in http.cors_origins."),
     ("requests_abandoned", "meteorit_requests_abandoned_total",
      "Requests the client half-closed (FIN) before sending them whole: closed at once, not answered."),
+    ("body_buffer_refused", "meteorit_body_buffer_refused_total",
+     "Requests answered 503 because their body, still arriving, would pass limits.max_buffered_bytes."),
     ("redis_writes", "meteorit_redis_writes_total", "Group-commit RPUSH commands Redis acknowledged."),
     ("redis_write_errors", "meteorit_redis_write_errors_total", "RPUSH commands that failed."),
     ("events_spooled", "meteorit_events_spooled_total",

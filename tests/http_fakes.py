@@ -17,7 +17,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def make_limits(**overrides: Any) -> SimpleNamespace:
     limits = dict(max_header_size=1024, max_headers=10, max_body=100, max_pipeline=4,
-                  max_connections=8, header_timeout=10.0, body_timeout=30.0, keepalive_timeout=75.0)
+                  max_connections=8, header_timeout=10.0, body_timeout=30.0, keepalive_timeout=75.0,
+                  max_buffered_bytes=64 * 1024 * 1024)
     limits.update(overrides)
     return SimpleNamespace(**limits)
 

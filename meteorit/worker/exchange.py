@@ -3,9 +3,9 @@
 Owns: `Exchange` (one request's place in its connection's response order: the app answers
 through it, the protocol writes answers in request order), `ServerState` (what every
 connection of one worker shares: the app, the limits, the open connections, the counters of
-what the HTTP layer answers or drops itself) and the
-`App` interface the protocol dispatches to. Must not touch: parsing or sockets
-(meteorit.worker.http), what a request means (the app).
+what the HTTP layer answers or drops itself, the budget of bodies still arriving) and the
+`App` interface the protocol dispatches to.
+Must not touch: parsing or sockets (meteorit.worker.http), what a request means (the app).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from time import monotonic
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Protocol
 
+from .budget import BodyBudget
 from .response import JSON_TYPE, build, build_bare
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class App(Protocol):
 class ServerState:
     """What every connection of one worker shares."""
 
-    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors", "abandoned")
+    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors", "abandoned",
+                 "budget")
 
     def __init__(self, app: App, limits: SimpleNamespace, kept_headers: frozenset[bytes] = KEPT_HEADERS) -> None:
         self.app = app
@@ -46,6 +48,7 @@ class ServerState:
         self.on_idle: asyncio.Event | None = None  # set when the last connection goes
         self.errors: Counter[int] = Counter()  # statuses answered here, before the app saw a request
         self.abandoned = 0  # requests the client half-closed (FIN) before sending them whole
+        self.budget = BodyBudget(limits)  # bodies still arriving, over every connection
 
     def check_timeouts(self) -> None:
         now = monotonic()

@@ -9,7 +9,13 @@ pipelining, flow control, the request limits (431, 413) and the per-connection t
 Pipelining: each complete request becomes an `Exchange` appended to `pending`; the app
 may answer exchanges in any order (group commit finishes them in batches), but bytes
 leave strictly in request order. Reading pauses while `max_pipeline` requests wait, while
-the transport's write buffer is full, and once the connection is set to close.
+the transport's write buffer is full, while a chunked body waits for room in the budget,
+and once the connection is set to close.
+
+Bodies still arriving count against the worker's budget (meteorit.worker.budget): at the
+end of a read that leaves a body incomplete, it is admitted once or refused with 503; a
+chunked one pauses its connection while the budget is over. A request that comes whole in
+one read never meets it: the hot path pays one test per read and one per request.
 
 Half-close: a client's FIN ends its requests, not its answers. Those that came whole are
 answered, then the connection closes; one left incomplete can never complete, so it is
@@ -38,6 +44,7 @@ FORWARDED_FOR = b"x-forwarded-for"  # a list that may span several lines: they a
 
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
 LINGER_BYTES = 4 * 1024 * 1024  # request bytes read and dropped after an error, before closing
+RETRY_AFTER = b"Retry-After: 1\r\n"
 
 
 class _LimitExceeded(Exception):
@@ -65,6 +72,7 @@ class HttpProtocol(asyncio.Protocol):
         self.header_bytes = 0  # bytes received while the headers are incomplete
         self.reading_paused = False
         self.writing_paused = False
+        self.budget_paused = False  # a chunked body waits for room in the budget
         self.deadline = 0.0
         # per request
         self.url = b""
@@ -74,6 +82,10 @@ class HttpProtocol(asyncio.Protocol):
         self.header_size = 0
         self.header_count = 0
         self.error: tuple[int, str] | None = None
+        # False again once the request ends (_release_body): no reset per request
+        self.admitted = False  # the body was still arriving at the end of a read: it is held
+        self.held = 0  # bytes of the budget this request holds
+        self.grows = False  # chunked: it holds what it has read so far
 
     # --- protocol interface
 
@@ -87,8 +99,7 @@ class HttpProtocol(asyncio.Protocol):
             self.last_request = True
         elif len(connections) >= self.limits.max_connections:
             self.state.errors[503] += 1
-            transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE,
-                                  b"Retry-After: 1\r\n"))
+            transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE, RETRY_AFTER))
             self.closed = True
             transport.close()
             return
@@ -100,6 +111,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.lost = True
         self.pending.clear()
+        self._release_body()
         state = self.state
         state.connections.discard(self)
         if state.on_idle is not None and not state.connections:
@@ -132,6 +144,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.header_bytes += len(data)
                 if self.header_bytes > self.limits.max_header_size:
                     self._fail(431, "request line and headers too large")
+            elif self.in_message and not self.in_headers:
+                self._hold_body()  # its body is still arriving (a whole request never gets here)
 
     def eof_received(self) -> bool | None:
         # The client is done sending: answer the requests that came whole, then close.
@@ -193,9 +207,6 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline = monotonic() + self.limits.body_timeout
-        expect = self.headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and not self.pending:
-            self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -206,6 +217,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         self.deadline = 0.0
+        if self.admitted:
+            self._release_body()
         parts = self.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parser = self.parser
@@ -299,10 +312,54 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.close()
 
+    # --- the budget of bodies still arriving (meteorit.worker.budget)
+
+    def _hold_body(self) -> None:
+        """At the end of a read, a body still arriving: admitted once (its Content-Length
+        reserved) or refused with 503; a chunked one holds what it has read, and its
+        connection stops reading while the budget is over."""
+        budget = self.state.budget
+        if not self.admitted:
+            length = self.headers.get(b"content-length")
+            if length is not None and length.isdigit():
+                self.grows, size = False, int(length)
+            else:  # chunked: no length to reserve
+                self.grows, size = True, self.body_size
+            if not budget.admit(size):
+                self._fail(503, "too many request bodies in progress", RETRY_AFTER)
+                return
+            self.admitted, self.held = True, size
+            expect = self.headers.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and not self.pending:
+                self.transport.write(CONTINUE)  # only now: a refused body is never invited
+        elif self.grows:
+            budget.grow(self.body_size - self.held)
+            self.held = self.body_size
+        if self.grows and budget.over and not self.budget_paused:
+            self.budget_paused = True
+            budget.wait(self)
+            self._update_reading()
+
+    def room_made(self) -> None:
+        """The budget is under its limit again (BodyBudget.release)."""
+        self.budget_paused = False
+        self._update_reading()
+
+    def _release_body(self) -> None:
+        """The body went to the app or was dropped: its bytes go back to the budget."""
+        budget = self.state.budget
+        if self.budget_paused:
+            self.budget_paused = False
+            budget.forget(self)
+        self.admitted = False
+        if self.held:
+            held, self.held = self.held, 0
+            budget.release(held)
+
     def _update_reading(self) -> None:
         if self.closed or self.lingering:
             return
-        pause = (self.failed or self.writing_paused
+        pause = (self.failed or self.writing_paused or self.budget_paused
                  or len(self.pending) >= self.limits.max_pipeline
                  or (self.closing and not self.in_message))
         if pause != self.reading_paused:
@@ -319,6 +376,7 @@ class HttpProtocol(asyncio.Protocol):
         self.in_message = self.in_headers = False
         self.deadline = 0.0
         self.body = []
+        self._release_body()
         self.state.abandoned += 1
         log.debug("client closed its side in the middle of a request")
 
@@ -339,12 +397,13 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._fail(400, f"malformed request: {exc}")
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, extra: bytes = b"") -> None:
         """Answer `status` after the responses already owed, then close."""
         self.failed = self.closing = True
         self.in_message = False
         self.deadline = 0.0
+        self._release_body()
         exchange = Exchange(self, CONNECTION_CLOSE, True)
         self.pending.append(exchange)
         self.state.errors[status] += 1
-        exchange.reply(status, error_body(message))
+        exchange.reply(status, error_body(message), extra)

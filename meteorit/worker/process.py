@@ -267,6 +267,7 @@ class Worker:
             "pid": os.getpid(), "slot": self.slot, "version": self.config.version,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "connections": len(self.state.connections), "requests_abandoned": self.state.abandoned,
+            "body_buffer_bytes": self.state.budget.held, "body_buffer_refused": self.state.budget.refused,
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
             "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
             "redis": self.writer.redis_state, "queue_length": self.writer.queue_length,
