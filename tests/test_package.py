@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 
 from conftest import free_port
-from meteorit.config import SinkUrl, parse_sink_url
+from meteorit.values import SinkUrl, parse_sink_url
 from meteorit.config import load as load_config
 from test_systemd import NotifySocket
 
