@@ -112,6 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits", "max_pipeline", 32, positive_int,
             "Most pipelined requests a connection may have waiting; reading pauses beyond.", reload=HOT),
     Setting("limits", "max_connections", 4096, positive_int, "Most open connections per worker; beyond, 503.", reload=HOT),
+    Setting("limits", "max_buffered_bytes", "64MiB", size,
+            "Most bytes of request bodies still arriving that a worker holds (a body that comes whole "
+            "with its headers never counts); a new body that would pass it gets 503 with Retry-After, "
+            "a chunked one pauses its connection until there is room.", reload=HOT),
     Setting("limits", "header_timeout", 10.0, positive_seconds,
             "From a request's first byte to the end of its headers; past it, 408.", reload=HOT),
     Setting("limits", "body_timeout", 30.0, positive_seconds, "From the end of the headers to the end of the body; past it, 408.", reload=HOT),
@@ -273,6 +277,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if both:
         raise ConfigError("auth.public_keys", f"{len(both)} key(s) also in auth.keys: a key is secret "
                           "(headers only) or public (may be in URLs), not both")
+    if cfg.limits.max_buffered_bytes < cfg.limits.max_body:
+        raise ConfigError("limits.max_buffered_bytes", f"{cfg.limits.max_buffered_bytes} bytes cannot hold one "
+                          f"body of limits.max_body ({cfg.limits.max_body})")
     if cfg.spool.max_bytes < cfg.limits.max_body + SPOOL_FRAMING:
         raise ConfigError("spool.max_bytes", f"{cfg.spool.max_bytes} bytes cannot hold one request of "
                           f"limits.max_body ({cfg.limits.max_body}) and its framing ({SPOOL_FRAMING} bytes)")

@@ -15,8 +15,9 @@ one more series per metric, `worker="exited"`; there is no unlabeled total besid
 (restarts, reloads) have no `worker` label.
 
 A snapshot also holds what a worker sees now (its Redis state, the queue length it last
-saw, its spool's unreplayed bytes: OBSERVED), for `meteoritctl top`; they are not summed
-(the totals of exited workers would keep adding them) nor exported.
+saw, its spool's unreplayed bytes, the bytes of request bodies still arriving it holds:
+OBSERVED), for `meteoritctl top` and `stats`; they are not summed (the totals of exited
+workers would keep adding them) nor exported.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # Keys of a worker snapshot that are not counters: `total` leaves them out.
 IDENTITY = ("pid", "slot", "version", "uptime_seconds")
 # What a worker sees now (for meteoritctl top): per worker only, never summed nor exported.
-OBSERVED = ("redis", "queue_length", "spool_bytes")
+OBSERVED = ("redis", "queue_length", "spool_bytes", "body_buffer_bytes")
 
 # Why an event request (POST /v1/events, the pixel) was refused, by status: a small fixed set,
 # so a label, never free text.
@@ -163,6 +164,10 @@ COUNTERS = (  # (snapshot key, metric, help)
      "Request body bytes received on /v1/events (as sent: compressed ones before inflating)."),
     ("cors_refused", "meteorit_cors_refused_total",
      "Preflights refused, and requests answered without CORS headers, for an Origin not in http.cors_origins."),
+    ("requests_abandoned", "meteorit_requests_abandoned_total",
+     "Requests the client half-closed (FIN) before sending them whole: closed at once, not answered."),
+    ("body_buffer_refused", "meteorit_body_buffer_refused_total",
+     "Requests answered 503 because their body, still arriving, would pass limits.max_buffered_bytes."),
     ("redis_writes", "meteorit_redis_writes_total", "Group-commit RPUSH commands Redis acknowledged."),
     ("redis_write_errors", "meteorit_redis_write_errors_total", "RPUSH commands that failed."),
     ("events_spooled", "meteorit_events_spooled_total",

@@ -169,6 +169,14 @@ def test_sizes_in_the_file_take_units(write_config: WriteConfig) -> None:
         1 << 20, 65536, 8192)
 
 
+def test_the_body_budget_defaults_to_64mib_and_must_hold_one_whole_body(write_config: WriteConfig) -> None:
+    assert load(env={}).limits.max_buffered_bytes == 64 << 20
+    error = error_of(write_config('[limits]\nmax_body = "2MiB"\nmax_buffered_bytes = "1MiB"\n'), env={})
+    assert error.key == "limits.max_buffered_bytes" and "cannot hold one body" in error.reason
+    cfg = load(write_config('[limits]\nmax_body = "2MiB"\nmax_buffered_bytes = "2MiB"\n'), env={})
+    assert cfg.limits.max_buffered_bytes == 2 << 20
+
+
 # --- environment and command-line overrides
 
 

@@ -43,7 +43,7 @@ from ..config import Config
 from ..errors import EventError, WriterUnavailable
 from .context import RequestContext, attach
 from .cors import CorsPolicy
-from .http import KEPT_HEADERS, Exchange
+from .exchange import KEPT_HEADERS, Exchange
 from .keys import NO_KEY, QUERY_KEY, SECRET_IN_URL, KeyRing
 from .ratelimit import KeyRates, retry_after
 from .response import RETRY_AFTER, TEXT_TYPE, error_body

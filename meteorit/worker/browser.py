@@ -25,7 +25,7 @@ from . import query
 from .. import metrics, record
 from ..errors import EventError
 from .context import attach
-from .http import Exchange
+from .exchange import Exchange
 from .keys import NO_KEY, QUERY_KEY
 from .response import error_body
 

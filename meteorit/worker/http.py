@@ -9,7 +9,17 @@ pipelining, flow control, the request limits (431, 413) and the per-connection t
 Pipelining: each complete request becomes an `Exchange` appended to `pending`; the app
 may answer exchanges in any order (group commit finishes them in batches), but bytes
 leave strictly in request order. Reading pauses while `max_pipeline` requests wait, while
-the transport's write buffer is full, and once the connection is set to close.
+the transport's write buffer is full, while a chunked body waits for room in the budget,
+and once the connection is set to close.
+
+Bodies still arriving count against the worker's budget (meteorit.worker.budget): at the
+end of a read that leaves a body incomplete, it is admitted once or refused with 503; a
+chunked one pauses its connection while the budget is over. A request that comes whole in
+one read never meets it: the hot path pays one test per read and one per request.
+
+Half-close: a client's FIN ends its requests, not its answers. Those that came whole are
+answered, then the connection closes; one left incomplete can never complete, so it is
+dropped at once (and counted) instead of held until its timeout.
 
 Timeouts are deadlines, not timers: a connection stores one `deadline` and the worker's
 once-a-second tick calls `check_timeout`, which costs nothing per request.
@@ -19,92 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import deque
 from time import monotonic
-from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 import httptools
 
-from .response import (CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, JSON_TYPE, build,
-                       build_bare, error_body)
+from .exchange import Exchange, ServerState
+from .response import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, CONTINUE, build, error_body
 
 log = logging.getLogger("meteorit.http")
 
-# Only these request headers are kept; the rest are counted against the limits and dropped.
-# The app may keep more (ServerState.kept_headers), such as the ones events.context records.
-KEPT_HEADERS = frozenset((b"content-type", b"content-length", b"content-encoding",
-                          b"authorization", b"x-api-key", b"expect", b"origin", b"if-none-match"))
 FORWARDED_FOR = b"x-forwarded-for"  # a list that may span several lines: they are joined
-
-
-class App(Protocol):
-    def dispatch(self, exchange: "Exchange", method: bytes, url: bytes,
-                 headers: dict[bytes, bytes], body: bytes) -> None: ...
-
 
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is aborted
 LINGER_BYTES = 4 * 1024 * 1024  # request bytes read and dropped after an error, before closing
+RETRY_AFTER = b"Retry-After: 1\r\n"
 
 
 class _LimitExceeded(Exception):
     """Raised inside a parser callback to stop parsing; the status is in `protocol.error`."""
-
-
-class ServerState:
-    """What every connection of one worker shares."""
-
-    __slots__ = ("app", "limits", "kept_headers", "connections", "stopping", "on_idle", "errors")
-
-    def __init__(self, app: App, limits: SimpleNamespace, kept_headers: frozenset[bytes] = KEPT_HEADERS) -> None:
-        self.app = app
-        self.limits = limits
-        self.kept_headers = kept_headers  # replaced, not changed, on a hot reload
-        self.connections: set[HttpProtocol] = set()
-        self.stopping = False
-        self.on_idle: asyncio.Event | None = None  # set when the last connection goes
-        self.errors: Counter[int] = Counter()  # statuses answered here, before the app saw a request
-
-    def check_timeouts(self) -> None:
-        now = monotonic()
-        for conn in list(self.connections):
-            conn.check_timeout(now)
-
-
-class Exchange:
-    """One request's place in its connection's response order."""
-
-    __slots__ = ("protocol", "connection", "close_after", "data")
-
-    def __init__(self, protocol: "HttpProtocol", connection: bytes, close_after: bool) -> None:
-        self.protocol = protocol
-        self.connection = connection
-        self.close_after = close_after
-        self.data: bytes | None = None
-
-    def reply(self, status: int, body: bytes, extra: bytes = b"",
-              content_type: bytes = JSON_TYPE) -> None:
-        if self.data is not None:
-            return
-        self.data = build(status, body, self.connection, extra, content_type)
-        protocol = self.protocol
-        if not protocol.closed:
-            protocol.flush()
-
-    def reply_bare(self, status: int, extra: bytes = b"") -> None:
-        """A response without content (204, 304)."""
-        if self.data is not None:
-            return
-        self.data = build_bare(status, self.connection, extra)
-        protocol = self.protocol
-        if not protocol.closed:
-            protocol.flush()
-
-    def peer_address(self) -> str | None:
-        """The client's IP address as text; None on a unix socket (or once the transport is gone)."""
-        transport = self.protocol.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        return peer[0] if isinstance(peer, tuple) and peer else None
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -128,6 +72,7 @@ class HttpProtocol(asyncio.Protocol):
         self.header_bytes = 0  # bytes received while the headers are incomplete
         self.reading_paused = False
         self.writing_paused = False
+        self.budget_paused = False  # a chunked body waits for room in the budget
         self.deadline = 0.0
         # per request
         self.url = b""
@@ -137,6 +82,10 @@ class HttpProtocol(asyncio.Protocol):
         self.header_size = 0
         self.header_count = 0
         self.error: tuple[int, str] | None = None
+        # False again once the request ends (_release_body): no reset per request
+        self.admitted = False  # the body was still arriving at the end of a read: it is held
+        self.held = 0  # bytes of the budget this request holds
+        self.grows = False  # chunked: it holds what it has read so far
 
     # --- protocol interface
 
@@ -150,8 +99,7 @@ class HttpProtocol(asyncio.Protocol):
             self.last_request = True
         elif len(connections) >= self.limits.max_connections:
             self.state.errors[503] += 1
-            transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE,
-                                  b"Retry-After: 1\r\n"))
+            transport.write(build(503, error_body("too many connections"), CONNECTION_CLOSE, RETRY_AFTER))
             self.closed = True
             transport.close()
             return
@@ -163,6 +111,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.lost = True
         self.pending.clear()
+        self._release_body()
         state = self.state
         state.connections.discard(self)
         if state.on_idle is not None and not state.connections:
@@ -195,15 +144,18 @@ class HttpProtocol(asyncio.Protocol):
                 self.header_bytes += len(data)
                 if self.header_bytes > self.limits.max_header_size:
                     self._fail(431, "request line and headers too large")
+            elif self.in_message and not self.in_headers:
+                self._hold_body()  # its body is still arriving (a whole request never gets here)
 
     def eof_received(self) -> bool | None:
-        # The client is done sending; answer what is in hand, then close.
+        # The client is done sending: answer the requests that came whole, then close.
+        # Returning True keeps our side open for writing them (the loop stops reading).
         if self.lingering:
             self.close()
             return True
-        self.closing = True
-        if not self.pending and not self.in_message:
-            self.close()
+        if self.in_message:
+            self._abandon()
+        self._close_after_owed()
         return True
 
     def pause_writing(self) -> None:
@@ -255,9 +207,6 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self.deadline = monotonic() + self.limits.body_timeout
-        expect = self.headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and not self.pending:
-            self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -268,6 +217,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         self.deadline = 0.0
+        if self.admitted:
+            self._release_body()
         parts = self.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parser = self.parser
@@ -310,6 +261,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Graceful stop: finish the request in hand and those waiting, then close."""
+        self._close_after_owed()
+
+    def _close_after_owed(self) -> None:
+        """Answer the request being read and those waiting (the last one announces the
+        close), then close; at once if nothing is owed."""
         self.closing = True
         if not self.pending and not self.in_message:
             self.close()
@@ -356,10 +312,54 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.close()
 
+    # --- the budget of bodies still arriving (meteorit.worker.budget)
+
+    def _hold_body(self) -> None:
+        """At the end of a read, a body still arriving: admitted once (its Content-Length
+        reserved) or refused with 503; a chunked one holds what it has read, and its
+        connection stops reading while the budget is over."""
+        budget = self.state.budget
+        if not self.admitted:
+            length = self.headers.get(b"content-length")
+            if length is not None and length.isdigit():
+                self.grows, size = False, int(length)
+            else:  # chunked: no length to reserve
+                self.grows, size = True, self.body_size
+            if not budget.admit(size):
+                self._fail(503, "too many request bodies in progress", RETRY_AFTER)
+                return
+            self.admitted, self.held = True, size
+            expect = self.headers.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and not self.pending:
+                self.transport.write(CONTINUE)  # only now: a refused body is never invited
+        elif self.grows:
+            budget.grow(self.body_size - self.held)
+            self.held = self.body_size
+        if self.grows and budget.over and not self.budget_paused:
+            self.budget_paused = True
+            budget.wait(self)
+            self._update_reading()
+
+    def room_made(self) -> None:
+        """The budget is under its limit again (BodyBudget.release)."""
+        self.budget_paused = False
+        self._update_reading()
+
+    def _release_body(self) -> None:
+        """The body went to the app or was dropped: its bytes go back to the budget."""
+        budget = self.state.budget
+        if self.budget_paused:
+            self.budget_paused = False
+            budget.forget(self)
+        self.admitted = False
+        if self.held:
+            held, self.held = self.held, 0
+            budget.release(held)
+
     def _update_reading(self) -> None:
         if self.closed or self.lingering:
             return
-        pause = (self.failed or self.writing_paused
+        pause = (self.failed or self.writing_paused or self.budget_paused
                  or len(self.pending) >= self.limits.max_pipeline
                  or (self.closing and not self.in_message))
         if pause != self.reading_paused:
@@ -368,6 +368,17 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
             else:
                 self.transport.resume_reading()
+
+    def _abandon(self) -> None:
+        """The client half-closed in the middle of a request, which so can never complete
+        (nginx: "client prematurely closed connection"): drop it, count it, wait for no
+        timeout. Only the requests that came whole are answered."""
+        self.in_message = self.in_headers = False
+        self.deadline = 0.0
+        self.body = []
+        self._release_body()
+        self.state.abandoned += 1
+        log.debug("client closed its side in the middle of a request")
 
     def _limit(self, status: int, message: str) -> None:
         self.error = (status, message)
@@ -386,12 +397,13 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._fail(400, f"malformed request: {exc}")
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, extra: bytes = b"") -> None:
         """Answer `status` after the responses already owed, then close."""
         self.failed = self.closing = True
         self.in_message = False
         self.deadline = 0.0
+        self._release_body()
         exchange = Exchange(self, CONNECTION_CLOSE, True)
         self.pending.append(exchange)
         self.state.errors[status] += 1
-        exchange.reply(status, error_body(message))
+        exchange.reply(status, error_body(message), extra)

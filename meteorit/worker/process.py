@@ -32,7 +32,8 @@ from .. import log as logsetup
 from .app import EventsApp
 from ..config import Config
 from ..errors import IpcError
-from .http import HttpProtocol, ServerState
+from .exchange import ServerState
+from .http import HttpProtocol
 from ..bus.ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
@@ -271,7 +272,8 @@ class Worker:
         return metrics.worker_snapshot(counters, self.writer.batch_sizes, {
             "pid": os.getpid(), "slot": self.slot, "version": self.config.version,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "connections": len(self.state.connections),
+            "connections": len(self.state.connections), "requests_abandoned": self.state.abandoned,
+            "body_buffer_bytes": self.state.budget.held, "body_buffer_refused": self.state.budget.refused,
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
             "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
             "redis": self.writer.redis_state, "queue_length": self.writer.queue_length,
