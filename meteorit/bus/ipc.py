@@ -1,5 +1,5 @@
 """The IPC bus: OpenResty's ngx.ipc for meteorit. Named alerts between the master and
-the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see ipc_wire).
+the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see meteorit.bus.wire).
 
     from meteorit import ipc
     ipc.send(pid, "hello", b"data")          # to one process; IpcError for an unknown pid

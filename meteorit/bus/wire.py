@@ -4,11 +4,11 @@ reassembly on the reading side.
 Owns: the packet layout, packetization and reassembly. Must not touch: file
 descriptors, event loops, handlers (meteorit.ipc does those).
 
-Packet layout (network byte order, 32-byte header, then the payload):
+Packet layout (network byte order, 36-byte header, then the payload):
 
     offset size field
     0      2    magic b"MI"
-    2      1    version (1)
+    2      1    version (2)
     3      1    flags: FIRST = 1, LAST = 2 (a whole alert is FIRST|LAST, a middle one 0)
     4      4    sender pid
     8      2    sender slot (-1 = the master)
@@ -19,13 +19,20 @@ Packet layout (network byte order, 32-byte header, then the payload):
     18     4    reply_to: the alert id this alert answers, 0 if none
     22     4    total: bytes of the whole alert body
     26     2    payload length of this packet
-    28     4    CRC-32 of bytes 0..27 and the payload
+    28     4    CRC-32 of the payload
+    32     4    CRC-32 of bytes 0..31: the header's own
 
 Alert body: 1 byte name length, the name (UTF-8, 1..255 bytes), then the data. The body
 is cut into payloads of at most PAYLOAD bytes, so the name travels in the first packet.
 A reader reassembles per (sender pid, alert id); packets of one alert arrive in order
-because a sender writes one destination's queue in order. A bad magic or CRC costs
-only that packet: the reader scans for the next magic and goes on.
+because a sender writes one destination's queue in order.
+
+Damage costs only the packet it hits. The header CRC is checked as soon as the 36 header
+bytes are in: a bad magic, version or header CRC (a damaged length field among them)
+sends the reader to the next magic at once, so a wrong length never makes it wait for
+bytes that belong to later packets. The payload CRC is checked once the payload is in;
+a bad one resyncs the same way. Only a packet cut short inside its payload (a writer
+breaking the one-write rule) can hold the packets behind it until more bytes arrive.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"MI"
-VERSION = 1
+VERSION = 2  # 1 had one CRC over the whole packet, checked only once all of it was in
 FIRST = 1
 LAST = 2
 PIPE_BUF = select.PIPE_BUF
-_HEAD = struct.Struct("!2sBBIhIIIIH")
+_HEAD = struct.Struct("!2sBBIhIIIIHI")  # the header up to its own CRC
 _CRC = struct.Struct("!I")
+_HEAD_CRC_AT = _HEAD.size
 HEADER_SIZE = _HEAD.size + _CRC.size
 PAYLOAD = PIPE_BUF - HEADER_SIZE
 MAX_NAME = 255
@@ -77,8 +85,8 @@ def packetize(body: bytes, sender_pid: int, sender_slot: int, dest_pid: int, ale
         chunk = view[offset:offset + PAYLOAD]
         flags = (FIRST if offset == 0 else 0) | (LAST if offset + PAYLOAD >= total else 0)
         head = _HEAD.pack(MAGIC, VERSION, flags, sender_pid, sender_slot, dest_pid, alert_id,
-                          reply_to, total, len(chunk))
-        packets.append(head + _CRC.pack(zlib.crc32(chunk, zlib.crc32(head))) + chunk)
+                          reply_to, total, len(chunk), zlib.crc32(chunk))
+        packets.append(head + _CRC.pack(zlib.crc32(head)) + chunk)
     return packets
 
 
@@ -101,7 +109,7 @@ class Reassembler:
         self.buffer = bytearray()
         self.partials: dict[tuple[int, int], _Partial] = {}
         # what was dropped, and why
-        self.corrupt = 0  # bad magic, version or CRC; bytes skipped to resync
+        self.corrupt = 0  # bad magic, version, header or payload CRC; bytes skipped to resync
         self.stale = 0  # addressed to a previous occupant of this pipe
         self.orphans = 0  # a continuation without its first packet, or a broken sequence
         self.oversized = 0
@@ -117,16 +125,18 @@ class Reassembler:
                 pos = self._resync(buf, pos + 1)
                 continue
             (_, _, flags, sender_pid, sender_slot, dest_pid, alert_id, reply_to, total,
-             length) = _HEAD.unpack_from(buf, pos)
-            if length > PAYLOAD:
+             length, payload_crc) = _HEAD.unpack_from(buf, pos)
+            (head_crc,) = _CRC.unpack_from(buf, pos + _HEAD_CRC_AT)
+            # the header is checked before its length is trusted: a damaged length must
+            # not make the reader wait for bytes that belong to the packets behind it
+            if zlib.crc32(buf[pos:pos + _HEAD_CRC_AT]) != head_crc or length > PAYLOAD:
                 pos = self._resync(buf, pos + 1)
                 continue
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break  # the rest of this packet is still in the pipe
             payload = bytes(buf[pos + HEADER_SIZE:stop])
-            (crc,) = _CRC.unpack_from(buf, pos + _HEAD.size)
-            if zlib.crc32(payload, zlib.crc32(buf[pos:pos + _HEAD.size])) != crc:
+            if zlib.crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
             pos = stop
