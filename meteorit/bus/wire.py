@@ -42,6 +42,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+try:  # the same CRC-32 as zlib's, 5x faster (PCLMUL): a 10 KiB alert is CRC'd on both sides
+    from isal.isal_zlib import crc32
+except ImportError:  # no wheel for this platform: the same values, slower
+    crc32 = zlib.crc32
+
 MAGIC = b"MI"
 VERSION = 2  # 1 had one CRC over the whole packet, checked only once all of it was in
 FIRST = 1
@@ -85,8 +90,8 @@ def packetize(body: bytes, sender_pid: int, sender_slot: int, dest_pid: int, ale
         chunk = view[offset:offset + PAYLOAD]
         flags = (FIRST if offset == 0 else 0) | (LAST if offset + PAYLOAD >= total else 0)
         head = _HEAD.pack(MAGIC, VERSION, flags, sender_pid, sender_slot, dest_pid, alert_id,
-                          reply_to, total, len(chunk), zlib.crc32(chunk))
-        packets.append(head + _CRC.pack(zlib.crc32(head)) + chunk)
+                          reply_to, total, len(chunk), crc32(chunk))
+        packets.append(head + _CRC.pack(crc32(head)) + chunk)
     return packets
 
 
@@ -129,14 +134,14 @@ class Reassembler:
             (head_crc,) = _CRC.unpack_from(buf, pos + _HEAD_CRC_AT)
             # the header is checked before its length is trusted: a damaged length must
             # not make the reader wait for bytes that belong to the packets behind it
-            if zlib.crc32(buf[pos:pos + _HEAD_CRC_AT]) != head_crc or length > PAYLOAD:
+            if crc32(buf[pos:pos + _HEAD_CRC_AT]) != head_crc or length > PAYLOAD:
                 pos = self._resync(buf, pos + 1)
                 continue
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break  # the rest of this packet is still in the pipe
             payload = bytes(buf[pos + HEADER_SIZE:stop])
-            if zlib.crc32(payload) != payload_crc:
+            if crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
             pos = stop
