@@ -425,6 +425,15 @@ def test_garbage_then_a_packet_split_right_after_its_first_bytes(split: int) -> 
     assert reader.corrupt >= 1
 
 
+def test_the_decoded_names_a_reader_keeps_are_bounded_and_every_name_still_arrives() -> None:
+    reader = Reassembler(READER)
+    sent = [Alert(90, 0, i + 1, 0, f"name-{i}", b"") for i in range(Reassembler.MAX_NAMES + 500)]
+    assert feed_all(reader, (p for a in sent for p in packets_of(a))) == sent
+    assert len(reader.names) == Reassembler.MAX_NAMES
+    assert feed_all(reader, packets_of(Alert(90, 0, 9999, 0, "name-1", b"again"))) == [
+        Alert(90, 0, 9999, 0, "name-1", b"again")]
+
+
 # --- dead senders
 
 

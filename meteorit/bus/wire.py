@@ -40,7 +40,7 @@ from __future__ import annotations
 import select
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 try:  # the same CRC-32 as zlib's, 5x faster (PCLMUL): a 10 KiB alert is CRC'd on both sides
     from isal.isal_zlib import crc32
@@ -55,21 +55,26 @@ PIPE_BUF = select.PIPE_BUF
 _HEAD = struct.Struct("!2sBBIhIIIIHI")  # the header up to its own CRC
 _CRC = struct.Struct("!I")
 _HEAD_CRC_AT = _HEAD.size
-HEADER_SIZE = _HEAD.size + _CRC.size
+_HEADER = struct.Struct(_HEAD.format + "I")  # the whole header, read in one call
+HEADER_SIZE = _HEADER.size
+WHOLE = FIRST | LAST
 PAYLOAD = PIPE_BUF - HEADER_SIZE
 MAX_NAME = 255
 MAX_ALERT = 32 * 1024 * 1024  # bytes of one alert body; a reader drops bigger ones
 _SYNC = MAGIC + bytes([VERSION])
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ cost 14% of a reader
-class Alert:
+class Alert(NamedTuple):
+    # a tuple: the reader makes one per alert with tuple.__new__, far cheaper than any __init__
     sender_pid: int
     sender_slot: int
     alert_id: int
     reply_to: int
     name: str
     data: bytes
+
+
+_new_alert = tuple.__new__
 
 
 def encode_body(name: str, data: bytes) -> bytes:
@@ -96,123 +101,146 @@ def packetize(body: bytes, sender_pid: int, sender_slot: int, dest_pid: int, ale
 
 
 class _Partial:
-    __slots__ = ("parts", "size", "total", "sender_slot", "reply_to")
+    """An alert of several packets being put back together: a sender has at most one."""
+    __slots__ = ("alert_id", "total", "sender_slot", "reply_to", "name", "parts", "size")
 
-    def __init__(self, total: int, sender_slot: int, reply_to: int) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
+    def __init__(self, alert_id: int, total: int, sender_slot: int, reply_to: int, name: str,
+                 first: bytes, size: int) -> None:
+        self.alert_id = alert_id
         self.total = total
         self.sender_slot = sender_slot
         self.reply_to = reply_to
+        self.name = name
+        self.parts = [first]  # the data: the name and its length byte are left out
+        self.size = size  # payload bytes received, the name's included, to compare with total
 
 
 class Reassembler:
     """Turns the byte stream of one pipe into whole alerts addressed to `pid`."""
 
+    MAX_NAMES = 1024  # decoded names kept: alerts mostly reuse a few names
+
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.buffer = bytearray()
-        self.partials: dict[tuple[int, int], _Partial] = {}
+        self.buffer = b""  # the start of a packet whose rest is still in the pipe
+        self.partials: dict[int, _Partial] = {}  # by sender pid
+        self.names: dict[bytes, str] = {}
         # what was dropped, and why
-        self.corrupt = 0  # bad magic, version, header or payload CRC; bytes skipped to resync
+        self.corrupt = 0  # bad magic, version, header or payload CRC, name; bytes skipped to resync
         self.stale = 0  # addressed to a previous occupant of this pipe
         self.orphans = 0  # a continuation without its first packet, or a broken sequence
         self.oversized = 0
 
     def feed(self, data: bytes) -> list[Alert]:
-        buf = self.buffer
-        buf += data
+        # bytes, not a bytearray: the payloads are slices of it, one copy each, and most
+        # reads hold whole packets, so nothing is copied to join a leftover
+        buf = self.buffer + data if self.buffer else bytes(data)
         alerts: list[Alert] = []
         pos = 0
         end = len(buf)
+        unpack = _HEADER.unpack_from
+        partials = self.partials
+        me = self.pid
         while end - pos >= HEADER_SIZE:
-            if buf[pos:pos + 3] != _SYNC:
-                pos = self._resync(buf, pos + 1)
-                continue
-            (_, _, flags, sender_pid, sender_slot, dest_pid, alert_id, reply_to, total,
-             length, payload_crc) = _HEAD.unpack_from(buf, pos)
-            (head_crc,) = _CRC.unpack_from(buf, pos + _HEAD_CRC_AT)
+            (magic, version, flags, sender_pid, sender_slot, dest_pid, alert_id, reply_to, total,
+             length, payload_crc, head_crc) = unpack(buf, pos)
+            start = pos + HEADER_SIZE
             # the header is checked before its length is trusted: a damaged length must
             # not make the reader wait for bytes that belong to the packets behind it
-            if crc32(buf[pos:pos + _HEAD_CRC_AT]) != head_crc or length > PAYLOAD:
+            if (magic != MAGIC or version != VERSION or length > PAYLOAD
+                    or crc32(buf[pos:start - 4]) != head_crc):
                 pos = self._resync(buf, pos + 1)
                 continue
-            stop = pos + HEADER_SIZE + length
+            stop = start + length
             if stop > end:
                 break  # the rest of this packet is still in the pipe
-            payload = bytes(buf[pos + HEADER_SIZE:stop])
+            payload = buf[start:stop]
             if crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
             pos = stop
-            if dest_pid != self.pid:
+            if dest_pid != me:
                 self.stale += 1
-                continue
-            alert = self._assemble(flags, sender_pid, sender_slot, alert_id, reply_to, total, payload)
-            if alert is not None:
-                alerts.append(alert)
-        del buf[:pos]
+            elif (flags == WHOLE and 0 < length == total and length > payload[0] > 0
+                  and sender_pid not in partials):  # the common case: a whole alert
+                name_end = payload[0] + 1
+                name = self.names.get(payload[1:name_end]) or self._name(payload[1:name_end])
+                if name is not None:
+                    alerts.append(_new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name,
+                                                     payload[name_end:])))
+            else:
+                alert = self._assemble(flags, sender_pid, sender_slot, alert_id, reply_to, total,
+                                       payload)
+                if alert is not None:
+                    alerts.append(alert)
+        self.buffer = buf[pos:]
         return alerts
 
     def forget(self, pid: int) -> None:
-        """Drop the partial alerts of a process that is gone."""
-        for key in [k for k in self.partials if k[0] == pid]:
-            del self.partials[key]
+        """Drop the partial alert of a process that is gone."""
+        self.partials.pop(pid, None)
 
     @property
     def partial_bytes(self) -> int:
         return sum(p.size for p in self.partials.values())
 
-    def _resync(self, buf: bytearray, start: int) -> int:
+    def _resync(self, buf: bytes, start: int) -> int:
         self.corrupt += 1
         found = buf.find(_SYNC, start)
         if found < 0:  # keep a tail that may be the start of a magic
             return max(start, len(buf) - len(_SYNC) + 1)
         return found
 
-    def _assemble(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int,
-                  reply_to: int, total: int, payload: bytes) -> Alert | None:
-        key = (sender_pid, alert_id)
-        if flags & FIRST:
-            # a sender's packets reach a pipe in order, one alert after another: a new
-            # first packet ends whatever that sender left unfinished (at most one each)
-            for stale in [k for k in self.partials if k[0] == sender_pid]:
-                del self.partials[stale]
-                self.orphans += 1
-            if total > MAX_ALERT:
-                self.oversized += 1
-                self.partials.pop(key, None)
-                return None
-            if flags & LAST:
-                self.partials.pop(key, None)
-                return self._alert(sender_pid, sender_slot, alert_id, reply_to, payload, total)
-            partial = self.partials[key] = _Partial(total, sender_slot, reply_to)
-        else:
-            partial = self.partials.get(key)  # type: ignore[assignment]
-            if partial is None or partial.total != total:
-                self.orphans += 1
-                return None
-        partial.parts.append(payload)
-        partial.size += len(payload)
-        if partial.size > partial.total or (flags & LAST and partial.size != partial.total):
-            self.orphans += 1
-            del self.partials[key]
-            return None
-        if not flags & LAST:
-            return None
-        del self.partials[key]
-        body = b"".join(partial.parts)
-        return self._alert(sender_pid, partial.sender_slot, alert_id, partial.reply_to, body, total)
-
-    def _alert(self, sender_pid: int, sender_slot: int, alert_id: int, reply_to: int,
-               body: bytes, total: int) -> Alert | None:
-        if len(body) != total or not body or body[0] == 0 or body[0] + 1 > len(body):
-            self.orphans += 1
-            return None
-        name_end = 1 + body[0]
+    def _name(self, raw: bytes) -> str | None:
         try:
-            name = body[1:name_end].decode()
+            name = raw.decode()
         except UnicodeDecodeError:
             self.corrupt += 1
             return None
-        return Alert(sender_pid, sender_slot, alert_id, reply_to, name, body[name_end:])
+        if len(self.names) < self.MAX_NAMES:
+            self.names[raw] = name
+        return name
+
+    def _assemble(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int,
+                  reply_to: int, total: int, payload: bytes) -> Alert | None:
+        if flags & FIRST:
+            return self._first(flags, sender_pid, sender_slot, alert_id, reply_to, total, payload)
+        partial = self.partials.get(sender_pid)
+        if partial is None or partial.alert_id != alert_id or partial.total != total:
+            self.orphans += 1
+            return None
+        partial.parts.append(payload)
+        partial.size += len(payload)
+        if partial.size > total or (flags & LAST and partial.size != total):
+            self.orphans += 1
+            del self.partials[sender_pid]
+            return None
+        if not flags & LAST:
+            return None
+        del self.partials[sender_pid]
+        return _new_alert(Alert, (sender_pid, partial.sender_slot, alert_id, partial.reply_to,
+                                  partial.name, b"".join(partial.parts)))
+
+    def _first(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int, reply_to: int,
+               total: int, payload: bytes) -> Alert | None:
+        # a sender's packets reach a pipe in order, one alert after another: a new first
+        # packet ends whatever that sender left unfinished
+        if self.partials.pop(sender_pid, None) is not None:
+            self.orphans += 1
+        if total > MAX_ALERT:
+            self.oversized += 1
+            return None
+        length = len(payload)
+        # the name is in the first packet: PAYLOAD holds the longest
+        if not length or not 0 < payload[0] < length or length > total or (flags & LAST and length != total):
+            self.orphans += 1
+            return None
+        name_end = payload[0] + 1
+        name = self._name(payload[1:name_end])
+        if name is None:
+            return None
+        if flags & LAST:
+            return _new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name, payload[name_end:]))
+        self.partials[sender_pid] = _Partial(alert_id, total, sender_slot, reply_to, name,
+                                             payload[name_end:], length)
+        return None
