@@ -43,7 +43,8 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 import msgpack
 
 from ..errors import IpcError
-from .wire import HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, encode_body, packetize
+from .wire import (HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, check_size, crc32, cut_body,
+                   frame, name_prefix, whole_packet)
 
 log = logging.getLogger("meteorit.ipc")
 
@@ -52,6 +53,7 @@ TABLE_ALERT = "ipc.table"
 MAX_QUEUE = 64 * 1024 * 1024  # bytes waiting for one destination
 PIPE_SIZE = 1024 * 1024  # asked of the kernel per pipe (F_SETPIPE_SZ), to absorb bursts
 READ_SIZE = 64 * 1024  # one read of 10-byte alerts is ~1300 alerts, ~5 ms to deliver
+MAX_NAMES = 1024  # alert names whose encoded prefix a sender keeps
 READ_BUDGET = 0.002  # seconds of reading per wake-up: an alert flood must not starve HTTP
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -151,6 +153,7 @@ class Bus:
         self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
         self.waiters: dict[int, _Waiter] = {}
         self._next_id = 0
+        self._prefixes: dict[str, tuple[bytes, int]] = {}  # name -> (body prefix, its CRC)
         self._tasks: set[asyncio.Task[Any]] = set()
         # counters
         self.sent = 0
@@ -198,27 +201,57 @@ class Bus:
         slot = self.slot_of.get(pid)
         if slot is None:
             raise IpcError(f"no process with pid {pid} on the bus")
-        return self._send_to(slot, pid, name, _as_bytes(data), reply_to)
+        return self._send_to(slot, pid, name, data, reply_to)
 
     def broadcast(self, name: str, data: Data = b"") -> int:
         """To every worker (the sender included, if a worker). Returns the alert id."""
-        body = _encode(name, _as_bytes(data))
+        data = data if type(data) is bytes else _as_bytes(data)
+        prefix, _ = self._prefix(name)
+        _check_size(prefix, data)
+        payloads = cut_body(prefix, data)  # the payload CRCs once for every destination
         targets = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
         # all or nothing: a caller that gets an error can retry without duplicates
-        size = len(body) + HEADER_SIZE * -(-len(body) // PAYLOAD)  # what _enqueue will count
+        size = len(prefix) + len(data) + HEADER_SIZE * len(payloads)  # what _enqueue will count
         full = [pid for slot, pid in targets if self.queued[slot] + size > self.max_queue]
         if full:
             raise IpcError(f"broadcast {name!r} not sent: the queues to pids {full} are full")
         alert_id = self._new_id()
+        total = len(prefix) + len(data)
         for slot, pid in targets:
-            self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id))
+            self._enqueue(slot, frame(payloads, total, self.pid, self.slot, pid, alert_id))
         return alert_id
 
-    def _send_to(self, slot: int, pid: int, name: str, data: bytes, reply_to: int = 0) -> int:
-        body = _encode(name, data)
-        alert_id = self._new_id()
-        self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id, reply_to))
+    def _send_to(self, slot: int, pid: int, name: str, data: Data, reply_to: int = 0) -> int:
+        data = data if type(data) is bytes else _as_bytes(data)
+        try:
+            prefix, prefix_crc = self._prefixes[name]
+        except (KeyError, TypeError):  # a new name, or not a str at all
+            prefix, prefix_crc = self._prefix(name)
+        if len(prefix) + len(data) <= PAYLOAD:  # most alerts: one packet, built in one go
+            alert_id = self._new_id()
+            packets = [whole_packet(prefix, prefix_crc, data, self.pid, self.slot, pid, alert_id, reply_to)]
+        else:
+            _check_size(prefix, data)
+            alert_id = self._new_id()
+            packets = frame(cut_body(prefix, data), len(prefix) + len(data), self.pid, self.slot, pid,
+                            alert_id, reply_to)
+        self._enqueue(slot, packets)
         return alert_id
+
+    def _prefix(self, name: str) -> tuple[bytes, int]:
+        """A name's prefix (length byte and UTF-8) and its CRC, kept for the next alerts."""
+        if not isinstance(name, str):
+            raise IpcError(f"alert name must be a str, not {type(name).__name__}")
+        entry = self._prefixes.get(name)
+        if entry is None:
+            try:
+                prefix = name_prefix(name)
+            except ValueError as exc:
+                raise IpcError(str(exc)) from None
+            entry = (prefix, crc32(prefix))
+            if len(self._prefixes) < MAX_NAMES:
+                self._prefixes[name] = entry
+        return entry
 
     def _new_id(self) -> int:
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # never 0: 0 means "not a reply"
@@ -367,7 +400,7 @@ class Bus:
         sender_pid, sender_slot, alert_id = current
         if sender_slot not in self.queues:
             raise IpcError(f"the sender of this alert (pid {sender_pid}) has no pipe")
-        self._send_to(sender_slot, sender_pid, name, _as_bytes(data), alert_id)
+        self._send_to(sender_slot, sender_pid, name, data, alert_id)
 
     async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
@@ -419,11 +452,9 @@ def _as_bytes(data: Data) -> bytes:
     raise IpcError(f"alert data must be bytes or str, not {type(data).__name__}")
 
 
-def _encode(name: str, data: bytes) -> bytes:
-    if not isinstance(name, str):
-        raise IpcError(f"alert name must be a str, not {type(name).__name__}")
+def _check_size(prefix: bytes, data: bytes) -> None:
     try:
-        return encode_body(name, data)
+        check_size(prefix, data)
     except ValueError as exc:
         raise IpcError(str(exc)) from None
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import select
 import struct
 import zlib
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 try:  # the same CRC-32 as zlib's, 5x faster (PCLMUL): a 10 KiB alert is CRC'd on both sides
     from isal.isal_zlib import crc32
@@ -77,27 +77,66 @@ class Alert(NamedTuple):
 _new_alert = tuple.__new__
 
 
-def encode_body(name: str, data: bytes) -> bytes:
+def name_prefix(name: str) -> bytes:
+    """The start of an alert body: the name's length byte and the name."""
     raw = name.encode()
     if not 0 < len(raw) <= MAX_NAME:
         raise ValueError(f"alert name must be 1 to {MAX_NAME} bytes, got {len(raw)}")
-    if len(raw) + 1 + len(data) > MAX_ALERT:
-        raise ValueError(f"alert of {len(data)} bytes is over the limit of {MAX_ALERT - len(raw) - 1}")
-    return bytes((len(raw),)) + raw + data
+    return bytes((len(raw),)) + raw
+
+
+def check_size(prefix: bytes, data: bytes) -> None:
+    if len(prefix) + len(data) > MAX_ALERT:
+        raise ValueError(f"alert of {len(data)} bytes is over the limit of {MAX_ALERT - len(prefix)}")
+
+
+def encode_body(name: str, data: bytes) -> bytes:
+    prefix = name_prefix(name)
+    check_size(prefix, data)
+    return prefix + data
+
+
+def whole_packet(prefix: bytes, prefix_crc: int, data: bytes, sender_pid: int, sender_slot: int,
+                 dest_pid: int, alert_id: int, reply_to: int) -> bytes:
+    """The one packet of an alert whose body (prefix + data) fits in PAYLOAD bytes;
+    prefix_crc is crc32(prefix), which a sender keeps with the prefix of each name."""
+    length = len(prefix) + len(data)
+    head = _HEAD.pack(MAGIC, VERSION, WHOLE, sender_pid, sender_slot, dest_pid, alert_id, reply_to,
+                      length, length, crc32(data, prefix_crc))
+    return b"".join((head, _CRC.pack(crc32(head)), prefix, data))
+
+
+Payloads = list[tuple[int, Union[bytes, memoryview], int]]  # (flags, payload, its CRC-32)
+
+
+def cut_body(prefix: bytes, data: bytes) -> Payloads:
+    """An alert body (prefix + data) cut into payloads, each with its CRC: computed once
+    however many destinations the alert has."""
+    first = PAYLOAD - len(prefix)
+    head = prefix + data[:first]
+    rest = memoryview(data)[first:]
+    chunks = [head] + [rest[i:i + PAYLOAD] for i in range(0, len(rest), PAYLOAD)]
+    last = len(chunks) - 1
+    return [((FIRST if i == 0 else 0) | (LAST if i == last else 0), chunk, crc32(chunk))
+            for i, chunk in enumerate(chunks)]
+
+
+def frame(payloads: Payloads, total: int, sender_pid: int, sender_slot: int, dest_pid: int,
+          alert_id: int, reply_to: int = 0) -> list[bytes]:
+    """The packets of one alert to one destination."""
+    packets = []
+    for flags, payload, payload_crc in payloads:
+        head = _HEAD.pack(MAGIC, VERSION, flags, sender_pid, sender_slot, dest_pid, alert_id,
+                          reply_to, total, len(payload), payload_crc)
+        packets.append(b"".join((head, _CRC.pack(crc32(head)), payload)))
+    return packets
 
 
 def packetize(body: bytes, sender_pid: int, sender_slot: int, dest_pid: int, alert_id: int,
               reply_to: int = 0) -> list[bytes]:
-    total = len(body)
-    view = memoryview(body)
-    packets = []
-    for offset in range(0, total, PAYLOAD):
-        chunk = view[offset:offset + PAYLOAD]
-        flags = (FIRST if offset == 0 else 0) | (LAST if offset + PAYLOAD >= total else 0)
-        head = _HEAD.pack(MAGIC, VERSION, flags, sender_pid, sender_slot, dest_pid, alert_id,
-                          reply_to, total, len(chunk), crc32(chunk))
-        packets.append(head + _CRC.pack(crc32(head)) + chunk)
-    return packets
+    if not body:
+        return []
+    return frame(cut_body(b"", body), len(body), sender_pid, sender_slot, dest_pid, alert_id, reply_to)
 
 
 class _Partial:
