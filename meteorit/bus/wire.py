@@ -112,13 +112,16 @@ Payloads = list[tuple[int, Union[bytes, memoryview], int]]  # (flags, payload, i
 def cut_body(prefix: bytes, data: bytes) -> Payloads:
     """An alert body (prefix + data) cut into payloads, each with its CRC: computed once
     however many destinations the alert has."""
+    view = memoryview(data)
     first = PAYLOAD - len(prefix)
-    head = prefix + data[:first]
-    rest = memoryview(data)[first:]
-    chunks = [head] + [rest[i:i + PAYLOAD] for i in range(0, len(rest), PAYLOAD)]
-    last = len(chunks) - 1
-    return [((FIRST if i == 0 else 0) | (LAST if i == last else 0), chunk, crc32(chunk))
-            for i, chunk in enumerate(chunks)]
+    head = b"".join((prefix, view[:first]))
+    payloads: Payloads = [(FIRST, head, crc32(head))]
+    for offset in range(first, len(data), PAYLOAD):
+        chunk = view[offset:offset + PAYLOAD]
+        payloads.append((0, chunk, crc32(chunk)))
+    flags, payload, payload_crc = payloads[-1]
+    payloads[-1] = (flags | LAST, payload, payload_crc)
+    return payloads
 
 
 def frame(payloads: Payloads, total: int, sender_pid: int, sender_slot: int, dest_pid: int,
@@ -144,13 +147,13 @@ class _Partial:
     __slots__ = ("alert_id", "total", "sender_slot", "reply_to", "name", "parts", "size")
 
     def __init__(self, alert_id: int, total: int, sender_slot: int, reply_to: int, name: str,
-                 first: bytes, size: int) -> None:
+                 first: memoryview, size: int) -> None:
         self.alert_id = alert_id
         self.total = total
         self.sender_slot = sender_slot
         self.reply_to = reply_to
         self.name = name
-        self.parts = [first]  # the data: the name and its length byte are left out
+        self.parts = [first]  # views of the read bytes; the name and its length byte left out
         self.size = size  # payload bytes received, the name's included, to compare with total
 
 
@@ -163,7 +166,7 @@ class Reassembler:
         self.pid = pid
         self.buffer = b""  # the start of a packet whose rest is still in the pipe
         self.partials: dict[int, _Partial] = {}  # by sender pid
-        self.names: dict[bytes, str] = {}
+        self.names: dict[bytes, tuple[str, int]] = {}  # body prefix -> (name, prefix CRC)
         # what was dropped, and why
         self.corrupt = 0  # bad magic, version, header or payload CRC, name; bytes skipped to resync
         self.stale = 0  # addressed to a previous occupant of this pipe
@@ -171,16 +174,37 @@ class Reassembler:
         self.oversized = 0
 
     def feed(self, data: bytes) -> list[Alert]:
-        # bytes, not a bytearray: the payloads are slices of it, one copy each, and most
-        # reads hold whole packets, so nothing is copied to join a leftover
-        buf = self.buffer + data if self.buffer else bytes(data)
+        # bytes, not a bytearray: a whole alert's data is one slice of it, a bigger alert's
+        # payloads are views joined once at its end
+        data = bytes(data)
         alerts: list[Alert] = []
-        pos = 0
+        old = self.buffer
+        if old and len(data) > PIPE_BUF:
+            # the packet cut by the end of the last read ends in the first PIPE_BUF bytes:
+            # join only those to the leftover, not the whole read
+            joined = old + data[:PIPE_BUF]
+            pos = self._parse(joined, 0, len(old), alerts)
+            if pos >= len(old):
+                old, pos = b"", pos - len(old)
+            else:  # cannot happen (a packet is at most PIPE_BUF bytes): join it all
+                old, data, pos = b"", joined[pos:] + data[PIPE_BUF:], 0
+        else:
+            pos = 0
+        if old:
+            data = old + data
+        pos = self._parse(data, pos, len(data), alerts)
+        self.buffer = data[pos:]
+        return alerts
+
+    def _parse(self, buf: bytes, pos: int, limit: int, alerts: list[Alert]) -> int:
+        """Packets from `pos` on while they start before `limit`; returns where it stopped."""
         end = len(buf)
+        view = memoryview(buf)
         unpack = _HEADER.unpack_from
         partials = self.partials
+        names = self.names
         me = self.pid
-        while end - pos >= HEADER_SIZE:
+        while pos < limit and end - pos >= HEADER_SIZE:
             (magic, version, flags, sender_pid, sender_slot, dest_pid, alert_id, reply_to, total,
              length, payload_crc, head_crc) = unpack(buf, pos)
             start = pos + HEADER_SIZE
@@ -193,27 +217,51 @@ class Reassembler:
             stop = start + length
             if stop > end:
                 break  # the rest of this packet is still in the pipe
-            payload = buf[start:stop]
+            if flags == WHOLE and 0 < length == total and length > buf[start] > 0:
+                # the common case, a whole alert: its data is the one copy made
+                data_at = start + 1 + buf[start]
+                prefix = buf[start:data_at]
+                known = names.get(prefix)
+                data = buf[data_at:stop]
+                if crc32(data, known[1] if known else crc32(prefix)) != payload_crc:
+                    pos = self._resync(buf, pos + 1)
+                    continue
+                pos = stop
+                if dest_pid != me:
+                    self.stale += 1
+                    continue
+                if partials and partials.pop(sender_pid, None) is not None:
+                    self.orphans += 1  # a new first packet ends what its sender left unfinished
+                name = known[0] if known else self._name(prefix)
+                if name is not None:
+                    alerts.append(_new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name, data)))
+                continue
+            payload = view[start:stop]  # a view: joined once the alert is whole
             if crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
             pos = stop
             if dest_pid != me:
                 self.stale += 1
-            elif (flags == WHOLE and 0 < length == total and length > payload[0] > 0
-                  and sender_pid not in partials):  # the common case: a whole alert
-                name_end = payload[0] + 1
-                name = self.names.get(payload[1:name_end]) or self._name(payload[1:name_end])
-                if name is not None:
-                    alerts.append(_new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name,
-                                                     payload[name_end:])))
-            else:
-                alert = self._assemble(flags, sender_pid, sender_slot, alert_id, reply_to, total,
-                                       payload)
+                continue
+            partial = None if flags & FIRST else partials.get(sender_pid)
+            if partial is not None and partial.alert_id == alert_id and partial.total == total:
+                partial.parts.append(payload)  # the next packet of an alert in progress
+                partial.size += length
+                if partial.size > total or (flags & LAST and partial.size != total):
+                    self.orphans += 1  # more bytes than announced, or fewer when it says last
+                    del partials[sender_pid]
+                elif flags & LAST:
+                    del partials[sender_pid]
+                    alerts.append(_new_alert(Alert, (sender_pid, partial.sender_slot, alert_id,
+                                                     partial.reply_to, partial.name, b"".join(partial.parts))))
+            elif flags & FIRST:
+                alert = self._first(flags, sender_pid, sender_slot, alert_id, reply_to, total, payload)
                 if alert is not None:
                     alerts.append(alert)
-        self.buffer = buf[pos:]
-        return alerts
+            else:
+                self.orphans += 1  # a continuation of no alert in progress
+        return pos
 
     def forget(self, pid: int) -> None:
         """Drop the partial alert of a process that is gone."""
@@ -230,38 +278,19 @@ class Reassembler:
             return max(start, len(buf) - len(_SYNC) + 1)
         return found
 
-    def _name(self, raw: bytes) -> str | None:
+    def _name(self, prefix: bytes) -> str | None:
+        """The name in a body's prefix (length byte and name); kept with the prefix's CRC."""
         try:
-            name = raw.decode()
+            name = prefix[1:].decode()
         except UnicodeDecodeError:
             self.corrupt += 1
             return None
         if len(self.names) < self.MAX_NAMES:
-            self.names[raw] = name
+            self.names[prefix] = (name, crc32(prefix))
         return name
 
-    def _assemble(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int,
-                  reply_to: int, total: int, payload: bytes) -> Alert | None:
-        if flags & FIRST:
-            return self._first(flags, sender_pid, sender_slot, alert_id, reply_to, total, payload)
-        partial = self.partials.get(sender_pid)
-        if partial is None or partial.alert_id != alert_id or partial.total != total:
-            self.orphans += 1
-            return None
-        partial.parts.append(payload)
-        partial.size += len(payload)
-        if partial.size > total or (flags & LAST and partial.size != total):
-            self.orphans += 1
-            del self.partials[sender_pid]
-            return None
-        if not flags & LAST:
-            return None
-        del self.partials[sender_pid]
-        return _new_alert(Alert, (sender_pid, partial.sender_slot, alert_id, partial.reply_to,
-                                  partial.name, b"".join(partial.parts)))
-
     def _first(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int, reply_to: int,
-               total: int, payload: bytes) -> Alert | None:
+               total: int, payload: memoryview) -> Alert | None:
         # a sender's packets reach a pipe in order, one alert after another: a new first
         # packet ends whatever that sender left unfinished
         if self.partials.pop(sender_pid, None) is not None:
@@ -275,11 +304,14 @@ class Reassembler:
             self.orphans += 1
             return None
         name_end = payload[0] + 1
-        name = self._name(payload[1:name_end])
+        prefix = bytes(payload[:name_end])
+        known = self.names.get(prefix)
+        name = known[0] if known else self._name(prefix)
         if name is None:
             return None
         if flags & LAST:
-            return _new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name, payload[name_end:]))
+            return _new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name,
+                                      bytes(payload[name_end:])))
         self.partials[sender_pid] = _Partial(alert_id, total, sender_slot, reply_to, name,
                                              payload[name_end:], length)
         return None
