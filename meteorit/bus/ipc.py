@@ -149,7 +149,7 @@ class Bus:
         self.handlers: dict[str, Handler] = {}
         self.table: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
-        self.queues: dict[int, deque[bytes]] = {s: deque() for s in pipes.fds}
+        self.queues: dict[int, deque[bytes | bytearray]] = {s: deque() for s in pipes.fds}
         self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
         self.waiters: dict[int, _Waiter] = {}
         self._next_id = 0
@@ -258,12 +258,22 @@ class Bus:
         return self._next_id
 
     def _enqueue(self, slot: int, packets: list[bytes]) -> None:
+        """Queue the packets of one alert. A queue holds write units: each is written
+        with one write() of at most PIPE_BUF bytes, whole packets only, so it is atomic."""
         size = sum(map(len, packets))
         if self.queued[slot] + size > self.max_queue:
             raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
         queue = self.queues[slot]
         was_idle = not queue
-        queue.extend(packets)
+        if len(packets) == 1 and size <= PIPE_BUF // 2:
+            # a small packet joins the last unit while it fits: many alerts, one write
+            tail = queue[-1] if queue else None
+            if type(tail) is bytearray and len(tail) + size <= PIPE_BUF:
+                tail += packets[0]
+            else:
+                queue.append(bytearray(packets[0]))
+        else:
+            queue.extend(packets)
         self.queued[slot] += size
         self.sent += 1
         if was_idle:
@@ -279,22 +289,16 @@ class Bus:
         queue = self.queues[slot]
         fd = self.pipes.fds[slot][1]
         while queue:
-            # as many whole packets as fit in one atomic write
-            count, size = 1, len(queue[0])
-            while count < len(queue) and size + len(queue[count]) <= PIPE_BUF:
-                size += len(queue[count])
-                count += 1
-            chunk = queue[0] if count == 1 else b"".join([queue[i] for i in range(count)])
+            unit = queue[0]
             try:
-                os.write(fd, chunk)
+                os.write(fd, unit)  # <= PIPE_BUF bytes to a pipe: all of it or EAGAIN
             except BlockingIOError:
                 if fd not in self.watching:
                     self.watching.add(fd)
                     self.watch(fd, slot, True)
                 return
-            for _ in range(count):
-                queue.popleft()
-            self.queued[slot] -= size
+            queue.popleft()
+            self.queued[slot] -= len(unit)
         if fd in self.watching:
             self.watching.discard(fd)
             self.watch(fd, slot, False)
