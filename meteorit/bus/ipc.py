@@ -61,9 +61,9 @@ Handler = Callable[[bytes], Union[None, Awaitable[None]]]
 Data = Union[bytes, bytearray, memoryview, str]
 Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
 
-# (sender pid, sender slot, alert id) of the alert whose handler runs; a context variable,
-# so it holds across awaits in a coroutine handler and never leaks into other tasks.
-_current: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("ipc_current", default=None)
+# The alert whose handler runs (its sender pid and slot, its id); a context variable, so
+# it holds across awaits in a coroutine handler and never leaks into other tasks.
+_current: contextvars.ContextVar[Alert | None] = contextvars.ContextVar("ipc_current", default=None)
 
 
 class Pipes:
@@ -341,6 +341,7 @@ class Bus:
         """Read and deliver for at most READ_BUDGET; the reader is level-triggered, so
         what is left is read on the next wake-up, after the loop served the rest."""
         deadline = time.monotonic() + READ_BUDGET
+        feed, handlers = self.reassembler.feed, self.handlers
         while True:
             try:
                 data = os.read(self.read_fd, READ_SIZE)
@@ -348,13 +349,18 @@ class Bus:
                 return
             if not data:
                 return
-            for alert in self.reassembler.feed(data):
-                self._deliver(alert)
+            alerts = feed(data)
+            self.received += len(alerts)
+            for alert in alerts:
+                handler = handlers.get(alert.name)
+                if handler is not None and not alert.reply_to and alert.name != TABLE_ALERT:
+                    self._run(handler, alert)  # most alerts: a handler, no reply awaited
+                else:
+                    self._deliver(alert)
             if len(data) < READ_SIZE or time.monotonic() > deadline:
                 return
 
     def _deliver(self, alert: Alert) -> None:
-        self.received += 1
         if alert.name == TABLE_ALERT and alert.sender_slot == MASTER_SLOT:
             try:
                 table = msgpack.unpackb(alert.data, strict_map_key=False)
@@ -374,7 +380,10 @@ class Bus:
         if handler is None:
             self.unhandled += 1
             return
-        token = _current.set((alert.sender_pid, alert.sender_slot, alert.alert_id))
+        self._run(handler, alert)
+
+    def _run(self, handler: Handler, alert: Alert) -> None:
+        token = _current.set(alert)
         try:
             result = handler(alert.data)
             if result is not None and inspect.isawaitable(result):  # isawaitable(None) is slow
@@ -401,7 +410,7 @@ class Bus:
             raise IpcError("reply() is only allowed inside an alert handler")
         # To the sender's slot, from the packet header: the table may not list a worker
         # that was just forked yet. A stale slot is harmless: the reader's pid fence drops it.
-        sender_pid, sender_slot, alert_id = current
+        sender_pid, sender_slot, alert_id = current.sender_pid, current.sender_slot, current.alert_id
         if sender_slot not in self.queues:
             raise IpcError(f"the sender of this alert (pid {sender_pid}) has no pipe")
         self._send_to(sender_slot, sender_pid, name, data, alert_id)
@@ -510,5 +519,5 @@ async def gather(name: str, data: Data = b"", timeout: float = 1.0) -> dict[int,
 def __getattr__(name: str) -> Any:
     if name == "sender":
         current = _current.get()
-        return None if current is None else current[0]
+        return None if current is None else current.sender_pid
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
