@@ -227,15 +227,28 @@ class Bus:
             prefix, prefix_crc = self._prefixes[name]
         except (KeyError, TypeError):  # a new name, or not a str at all
             prefix, prefix_crc = self._prefix(name)
-        if len(prefix) + len(data) <= PAYLOAD:  # most alerts: one packet, built in one go
-            alert_id = self._new_id()
-            packets = [whole_packet(prefix, prefix_crc, data, self.pid, self.slot, pid, alert_id, reply_to)]
-        else:
+        if len(prefix) + len(data) > PAYLOAD:
             _check_size(prefix, data)
             alert_id = self._new_id()
-            packets = frame(cut_body(prefix, data), len(prefix) + len(data), self.pid, self.slot, pid,
-                            alert_id, reply_to)
-        self._enqueue(slot, packets)
+            self._enqueue(slot, frame(cut_body(prefix, data), len(prefix) + len(data), self.pid,
+                                      self.slot, pid, alert_id, reply_to))
+            return alert_id
+        # most alerts: one packet, built in one go and added to the queue's last write unit
+        self._next_id = alert_id = self._next_id % 0xFFFFFFFF + 1  # as _new_id()
+        packet = whole_packet(prefix, prefix_crc, data, self.pid, self.slot, pid, alert_id, reply_to)
+        queue = self.queues[slot]
+        queued = self.queued[slot] + len(packet)
+        if queued > self.max_queue:
+            raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
+        self.queued[slot] = queued
+        self.sent += 1
+        if queue and type(tail := queue[-1]) is bytearray and len(tail) + len(packet) <= PIPE_BUF:
+            tail += packet
+        else:
+            was_idle = not queue
+            queue.append(bytearray(packet) if len(packet) <= PIPE_BUF // 2 else packet)
+            if was_idle:
+                self._start_drain(slot)
         return alert_id
 
     def _prefix(self, name: str) -> tuple[bytes, int]:
@@ -258,29 +271,25 @@ class Bus:
         return self._next_id
 
     def _enqueue(self, slot: int, packets: list[bytes]) -> None:
-        """Queue the packets of one alert. A queue holds write units: each is written
-        with one write() of at most PIPE_BUF bytes, whole packets only, so it is atomic."""
+        """Queue the packets of one alert, each its own write unit. (A one-packet alert
+        from send() joins the queue's last unit instead while it fits: a unit is written
+        with one write() of at most PIPE_BUF bytes, whole packets only, so it is atomic.)"""
         size = sum(map(len, packets))
         if self.queued[slot] + size > self.max_queue:
             raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
         queue = self.queues[slot]
         was_idle = not queue
-        if len(packets) == 1 and size <= PIPE_BUF // 2:
-            # a small packet joins the last unit while it fits: many alerts, one write
-            tail = queue[-1] if queue else None
-            if type(tail) is bytearray and len(tail) + size <= PIPE_BUF:
-                tail += packets[0]
-            else:
-                queue.append(bytearray(packets[0]))
-        else:
-            queue.extend(packets)
+        queue.extend(packets)
         self.queued[slot] += size
         self.sent += 1
         if was_idle:
-            if self.defer is not None:
-                self.defer(self._drain, slot)
-            else:
-                self._drain(slot)
+            self._start_drain(slot)
+
+    def _start_drain(self, slot: int) -> None:
+        if self.defer is not None:
+            self.defer(self._drain, slot)
+        else:
+            self._drain(slot)
 
     def on_writable(self, slot: int) -> None:
         self._drain(slot)
