@@ -40,7 +40,7 @@ from __future__ import annotations
 import select
 import struct
 import zlib
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 try:  # the same CRC-32 as zlib's, 5x faster (PCLMUL): a 10 KiB alert is CRC'd on both sides
     from isal.isal_zlib import crc32
@@ -106,7 +106,7 @@ def whole_packet(prefix: bytes, prefix_crc: int, data: bytes, sender_pid: int, s
     return b"".join((head, _CRC.pack(crc32(head)), prefix, data))
 
 
-Payloads = list[tuple[int, Union[bytes, memoryview], int]]  # (flags, payload, its CRC-32)
+Payloads = list[tuple[int, bytes | memoryview, int]]  # (flags, payload, its CRC-32)
 
 
 def cut_body(prefix: bytes, data: bytes) -> Payloads:
