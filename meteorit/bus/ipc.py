@@ -12,9 +12,10 @@ the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see meteorit.
     await ipc.request(pid, "name", b"", 1.0) # the reply's data; TimeoutError past the timeout
     await ipc.gather("name", b"", 1.0)       # {pid: reply} of every worker that answered in time
 
-Owns: the pipes (one per slot, made by the master before fork; every process writes to
-every pipe, reads only its own), the per-destination write queues, reassembly, handler
-dispatch and the slot → pid table. It is the only module that writes to pipes.
+Owns: reading and writing the pipes (one per slot, made by meteorit.bus.pipes before
+fork; every process writes to every pipe, reads only its own), the per-destination write
+queues, reassembly, handler dispatch and the slot → pid table. It is the only module that
+writes to pipes.
 Must not touch: HTTP, Redis, process management (the master tells it the table).
 
 Writes never block: pipes are non-blocking; on EAGAIN the packets wait in their
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import fcntl
 import inspect
 import logging
 import os
@@ -43,19 +43,17 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 import msgpack
 
 from ..errors import IpcError
+from .pipes import MASTER_SLOT, Pipes
 from .wire import (HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, check_size, crc32, cut_body,
                    frame, name_prefix, whole_packet)
 
 log = logging.getLogger("meteorit.ipc")
 
-MASTER_SLOT = -1
 TABLE_ALERT = "ipc.table"
 MAX_QUEUE = 64 * 1024 * 1024  # bytes waiting for one destination
-PIPE_SIZE = 1024 * 1024  # asked of the kernel per pipe (F_SETPIPE_SZ), to absorb bursts
 READ_SIZE = 64 * 1024  # one read of 10-byte alerts is ~1300 alerts, ~5 ms to deliver
 MAX_NAMES = 1024  # alert names whose encoded prefix a sender keeps
 READ_BUDGET = 0.002  # seconds of reading per wake-up: an alert flood must not starve HTTP
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 Handler = Callable[[bytes], Union[None, Awaitable[None]]]
 Data = Union[bytes, bytearray, memoryview, str]
@@ -64,29 +62,6 @@ Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
 # The alert whose handler runs (its sender pid and slot, its id); a context variable, so
 # it holds across awaits in a coroutine handler and never leaks into other tasks.
 _current: contextvars.ContextVar[Alert | None] = contextvars.ContextVar("ipc_current", default=None)
-
-
-class Pipes:
-    """One non-blocking pipe per slot (workers 0..n-1 and the master), made before fork."""
-
-    def __init__(self, slots: int) -> None:
-        self.fds: dict[int, tuple[int, int]] = {}
-        for slot in [MASTER_SLOT, *range(slots)]:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # kept over fork, not over exec
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-max-size: the default size works too
-            self.fds[slot] = (r, w)
-
-    def keep_only_reader(self, slot: int) -> None:
-        """In a worker: close the read ends of the other slots' pipes."""
-        for other, (r, _w) in self.fds.items():
-            if other != slot:
-                os.close(r)
-
-    def all_fds(self) -> list[int]:
-        return [fd for pair in self.fds.values() for fd in pair]
 
 
 class _Waiter:
