@@ -274,6 +274,28 @@ def test_alerts_sent_together_share_writes_of_whole_packets_none_over_pipe_buf(
     assert len(writes) < len(sent) / 10  # small alerts queued together left together
 
 
+def test_broadcasts_sent_together_share_writes_too(
+        run: Run, make_pipes: Callable[[int], Pipes], monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = RecordingOs()
+    monkeypatch.setattr(ipc, "os", recorder)
+    pipes = make_pipes(2)
+    sent = [str(i).encode() * (i % 50) for i in range(1000)]
+
+    async def scenario() -> None:
+        a, b = on_bus(pipes, 0), on_bus(pipes, 1)
+        inboxes = {A: Inbox(), B: Inbox()}
+        a.receive("news", inboxes[A])
+        b.receive("news", inboxes[B])
+        for data in sent:
+            a.broadcast("news", data)
+        for inbox in inboxes.values():
+            assert await inbox.until(len(sent)) == [(A, data) for data in sent]
+
+    run(scenario())
+    assert max(map(len, recorder.writes)) <= PIPE_BUF
+    assert len(recorder.writes) < 2 * len(sent) / 10  # not one write per alert and worker
+
+
 def test_alerts_of_more_names_than_a_sender_keeps_all_arrive(
         run: Run, make_pipes: Callable[[int], Pipes]) -> None:
     pipes = make_pipes(2)

@@ -246,15 +246,19 @@ class Bus:
         return self._next_id
 
     def _enqueue(self, slot: int, packets: list[bytes]) -> None:
-        """Queue the packets of one alert, each its own write unit. (A one-packet alert
-        from send() joins the queue's last unit instead while it fits: a unit is written
-        with one write() of at most PIPE_BUF bytes, whole packets only, so it is atomic.)"""
+        """Queue the packets of one alert. A queue holds write units, each written with
+        one write() of at most PIPE_BUF bytes of whole packets, so it is atomic: a small
+        packet joins the last unit while it fits (send() does the same inline)."""
         size = sum(map(len, packets))
         if self.queued[slot] + size > self.max_queue:
             raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
         queue = self.queues[slot]
         was_idle = not queue
-        queue.extend(packets)
+        for packet in packets:
+            if queue and type(tail := queue[-1]) is bytearray and len(tail) + len(packet) <= PIPE_BUF:
+                tail += packet
+            else:
+                queue.append(bytearray(packet) if len(packet) <= PIPE_BUF // 2 else packet)
         self.queued[slot] += size
         self.sent += 1
         if was_idle:
