@@ -54,7 +54,6 @@ LAST = 2
 PIPE_BUF = select.PIPE_BUF
 _HEAD = struct.Struct("!2sBBIhIIIIHI")  # the header up to its own CRC
 _CRC = struct.Struct("!I")
-_HEAD_CRC_AT = _HEAD.size
 _HEADER = struct.Struct(_HEAD.format + "I")  # the whole header, read in one call
 HEADER_SIZE = _HEADER.size
 WHOLE = FIRST | LAST
