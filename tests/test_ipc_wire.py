@@ -439,6 +439,19 @@ def test_the_decoded_names_a_reader_keeps_are_bounded_and_every_name_still_arriv
         Alert(90, 0, 9999, 0, "name-1", b"again")]
 
 
+def test_an_alert_in_progress_holds_its_own_bytes_not_the_reads_they_came_in() -> None:
+    big = Alert(95, 0, 1, 0, "big", random_bytes(3 * PAYLOAD, 11))
+    small = [Alert(96, 1, i + 1, 0, "s", bytes(100)) for i in range(500)]
+    packets = packets_of(big)
+    reader = Reassembler(READER)
+    for packet in packets[:-1]:  # each in a read of ~70 KiB, the rest small alerts
+        assert reader.feed(packet + b"".join(p for a in small for p in packets_of(a))) == small
+    held = sum(len(part.obj) if isinstance(part, memoryview) else len(part)
+               for part in reader.partials[95].parts)
+    assert held <= len(packets) * select.PIPE_BUF
+    assert reader.feed(packets[-1]) == [big]
+
+
 # --- dead senders
 
 

@@ -146,13 +146,13 @@ class _Partial:
     __slots__ = ("alert_id", "total", "sender_slot", "reply_to", "name", "parts", "size")
 
     def __init__(self, alert_id: int, total: int, sender_slot: int, reply_to: int, name: str,
-                 first: memoryview, size: int) -> None:
+                 first: bytes | memoryview, size: int) -> None:
         self.alert_id = alert_id
         self.total = total
         self.sender_slot = sender_slot
         self.reply_to = reply_to
         self.name = name
-        self.parts = [first]  # views of the read bytes; the name and its length byte left out
+        self.parts = [first]  # the data: the name and its length byte left out
         self.size = size  # payload bytes received, the name's included, to compare with total
 
 
@@ -174,7 +174,7 @@ class Reassembler:
 
     def feed(self, data: bytes) -> list[Alert]:
         # bytes, not a bytearray: a whole alert's data is one slice of it, a bigger alert's
-        # payloads are views joined once at its end
+        # payloads are slices joined once at its end
         data = bytes(data)
         alerts: list[Alert] = []
         old = self.buffer
@@ -198,7 +198,6 @@ class Reassembler:
     def _parse(self, buf: bytes, pos: int, limit: int, alerts: list[Alert]) -> int:
         """Packets from `pos` on while they start before `limit`; returns where it stopped."""
         end = len(buf)
-        view = memoryview(buf)
         unpack = _HEADER.unpack_from
         partials = self.partials
         names = self.names
@@ -235,7 +234,9 @@ class Reassembler:
                 if name is not None:
                     alerts.append(_new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name, data)))
                 continue
-            payload = view[start:stop]  # a view: joined once the alert is whole
+            # a copy, not a view of the read: a view would keep all of a 64 KiB read alive
+            # for the 4 KiB of an alert in progress, 16 times its size
+            payload = buf[start:stop]
             if crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
@@ -289,7 +290,7 @@ class Reassembler:
         return name
 
     def _first(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int, reply_to: int,
-               total: int, payload: memoryview) -> Alert | None:
+               total: int, payload: bytes) -> Alert | None:
         # a sender's packets reach a pipe in order, one alert after another: a new first
         # packet ends whatever that sender left unfinished
         if self.partials.pop(sender_pid, None) is not None:
@@ -303,14 +304,15 @@ class Reassembler:
             self.orphans += 1
             return None
         name_end = payload[0] + 1
-        prefix = bytes(payload[:name_end])
+        prefix = payload[:name_end]
         known = self.names.get(prefix)
         name = known[0] if known else self._name(prefix)
         if name is None:
             return None
         if flags & LAST:
             return _new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name,
-                                      bytes(payload[name_end:])))
+                                      payload[name_end:]))
+        # a view of this packet's own copy: no second copy of 4 KiB for the name's sake
         self.partials[sender_pid] = _Partial(alert_id, total, sender_slot, reply_to, name,
-                                             payload[name_end:], length)
+                                             memoryview(payload)[name_end:], length)
         return None
