@@ -143,17 +143,27 @@ def packetize(body: bytes, sender_pid: int, sender_slot: int, dest_pid: int, ale
 
 class _Partial:
     """An alert of several packets being put back together: a sender has at most one."""
-    __slots__ = ("alert_id", "total", "sender_slot", "reply_to", "name", "parts", "size")
+    __slots__ = ("alert_id", "total", "sender_slot", "reply_to", "name", "parts", "size", "copied")
 
     def __init__(self, alert_id: int, total: int, sender_slot: int, reply_to: int, name: str,
-                 first: bytes | memoryview, size: int) -> None:
+                 first: memoryview, size: int) -> None:
         self.alert_id = alert_id
         self.total = total
         self.sender_slot = sender_slot
         self.reply_to = reply_to
         self.name = name
-        self.parts = [first]  # the data: the name and its length byte left out
+        self.parts: list[bytes | memoryview] = [first]  # the data, without the name
         self.size = size  # payload bytes received, the name's included, to compare with total
+        self.copied = 0  # parts before this one are copies, the others views of the last read
+
+    def own(self) -> None:
+        """Copy the parts that are views of the read just parsed: a view would keep all of
+        a 64 KiB read alive for 4 KiB of an alert in progress, 16 times its size. (An alert
+        that ends in the read it started in is joined from views, with no copy before.)"""
+        parts = self.parts
+        for i in range(self.copied, len(parts)):
+            parts[i] = bytes(parts[i])
+        self.copied = len(parts)
 
 
 class Reassembler:
@@ -174,7 +184,7 @@ class Reassembler:
 
     def feed(self, data: bytes) -> list[Alert]:
         # bytes, not a bytearray: a whole alert's data is one slice of it, a bigger alert's
-        # payloads are slices joined once at its end
+        # payloads are views joined once at its end
         data = bytes(data)
         alerts: list[Alert] = []
         old = self.buffer
@@ -193,11 +203,14 @@ class Reassembler:
             data = old + data
         pos = self._parse(data, pos, len(data), alerts)
         self.buffer = data[pos:]
+        for partial in self.partials.values():
+            partial.own()
         return alerts
 
     def _parse(self, buf: bytes, pos: int, limit: int, alerts: list[Alert]) -> int:
         """Packets from `pos` on while they start before `limit`; returns where it stopped."""
         end = len(buf)
+        view = memoryview(buf)
         unpack = _HEADER.unpack_from
         partials = self.partials
         names = self.names
@@ -234,9 +247,7 @@ class Reassembler:
                 if name is not None:
                     alerts.append(_new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name, data)))
                 continue
-            # a copy, not a view of the read: a view would keep all of a 64 KiB read alive
-            # for the 4 KiB of an alert in progress, 16 times its size
-            payload = buf[start:stop]
+            payload = view[start:stop]  # copied by feed() if its alert is still in progress
             if crc32(payload) != payload_crc:
                 pos = self._resync(buf, pos + 1)
                 continue
@@ -290,7 +301,7 @@ class Reassembler:
         return name
 
     def _first(self, flags: int, sender_pid: int, sender_slot: int, alert_id: int, reply_to: int,
-               total: int, payload: bytes) -> Alert | None:
+               total: int, payload: memoryview) -> Alert | None:
         # a sender's packets reach a pipe in order, one alert after another: a new first
         # packet ends whatever that sender left unfinished
         if self.partials.pop(sender_pid, None) is not None:
@@ -304,15 +315,14 @@ class Reassembler:
             self.orphans += 1
             return None
         name_end = payload[0] + 1
-        prefix = payload[:name_end]
+        prefix = bytes(payload[:name_end])
         known = self.names.get(prefix)
         name = known[0] if known else self._name(prefix)
         if name is None:
             return None
         if flags & LAST:
             return _new_alert(Alert, (sender_pid, sender_slot, alert_id, reply_to, name,
-                                      payload[name_end:]))
-        # a view of this packet's own copy: no second copy of 4 KiB for the name's sake
+                                      bytes(payload[name_end:])))
         self.partials[sender_pid] = _Partial(alert_id, total, sender_slot, reply_to, name,
-                                             memoryview(payload)[name_end:], length)
+                                             payload[name_end:], length)
         return None
