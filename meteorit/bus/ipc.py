@@ -124,6 +124,7 @@ class Bus:
         self.handlers: dict[str, Handler] = {}
         self.table: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
+        self.worker_table: list[tuple[int, int]] = []  # (slot, pid) of every worker, by slot
         self.queues: dict[int, deque[bytes | bytearray]] = {s: deque() for s in pipes.fds}
         self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
         self.waiters: dict[int, _Waiter] = {}
@@ -148,6 +149,7 @@ class Bus:
                 self.queues[slot].clear()
         self.table = dict(table)
         self.slot_of = {pid: slot for slot, pid in self.table.items()}
+        self.worker_table = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
         for pid in gone:
             self.reassembler.forget(pid)
             for waiter in list(self.waiters.values()):
@@ -168,7 +170,7 @@ class Bus:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [pid for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
+        return [pid for _slot, pid in self.worker_table]
 
     # --- sending
 
@@ -181,19 +183,24 @@ class Bus:
     def broadcast(self, name: str, data: Data = b"") -> int:
         """To every worker (the sender included, if a worker). Returns the alert id."""
         data = data if type(data) is bytes else _as_bytes(data)
-        prefix, _ = self._prefix(name)
+        prefix, prefix_crc = self._prefix(name)
         _check_size(prefix, data)
-        payloads = cut_body(prefix, data)  # the payload CRCs once for every destination
-        targets = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
+        total = len(prefix) + len(data)
+        # the payload CRCs once for every destination
+        payloads = cut_body(prefix, data) if total > PAYLOAD else None
+        size = total + HEADER_SIZE * (len(payloads) if payloads else 1)  # what will be queued
         # all or nothing: a caller that gets an error can retry without duplicates
-        size = len(prefix) + len(data) + HEADER_SIZE * len(payloads)  # what _enqueue will count
-        full = [pid for slot, pid in targets if self.queued[slot] + size > self.max_queue]
+        full = [pid for slot, pid in self.worker_table if self.queued[slot] + size > self.max_queue]
         if full:
             raise IpcError(f"broadcast {name!r} not sent: the queues to pids {full} are full")
         alert_id = self._new_id()
-        total = len(prefix) + len(data)
-        for slot, pid in targets:
-            self._enqueue(slot, frame(payloads, total, self.pid, self.slot, pid, alert_id))
+        payload_crc = 0 if payloads else crc32(data, prefix_crc)
+        for slot, pid in self.worker_table:
+            if payloads:
+                packets = frame(payloads, total, self.pid, self.slot, pid, alert_id)
+            else:
+                packets = [whole_packet(prefix, payload_crc, data, self.pid, self.slot, pid, alert_id, 0)]
+            self._enqueue(slot, packets)
         return alert_id
 
     def _send_to(self, slot: int, pid: int, name: str, data: Data, reply_to: int = 0) -> int:
@@ -210,7 +217,8 @@ class Bus:
             return alert_id
         # most alerts: one packet, built in one go and added to the queue's last write unit
         self._next_id = alert_id = self._next_id % 0xFFFFFFFF + 1  # as _new_id()
-        packet = whole_packet(prefix, prefix_crc, data, self.pid, self.slot, pid, alert_id, reply_to)
+        packet = whole_packet(prefix, crc32(data, prefix_crc), data, self.pid, self.slot, pid,
+                              alert_id, reply_to)
         queue = self.queues[slot]
         queued = self.queued[slot] + len(packet)
         if queued > self.max_queue:

@@ -95,13 +95,13 @@ def encode_body(name: str, data: bytes) -> bytes:
     return prefix + data
 
 
-def whole_packet(prefix: bytes, prefix_crc: int, data: bytes, sender_pid: int, sender_slot: int,
+def whole_packet(prefix: bytes, payload_crc: int, data: bytes, sender_pid: int, sender_slot: int,
                  dest_pid: int, alert_id: int, reply_to: int) -> bytes:
     """The one packet of an alert whose body (prefix + data) fits in PAYLOAD bytes;
-    prefix_crc is crc32(prefix), which a sender keeps with the prefix of each name."""
+    payload_crc is crc32(data, crc32(prefix)): a sender keeps each name's prefix CRC."""
     length = len(prefix) + len(data)
     head = _HEAD.pack(MAGIC, VERSION, WHOLE, sender_pid, sender_slot, dest_pid, alert_id, reply_to,
-                      length, length, crc32(data, prefix_crc))
+                      length, length, payload_crc)
     return b"".join((head, _CRC.pack(crc32(head)), prefix, data))
 
 
