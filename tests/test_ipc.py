@@ -19,7 +19,7 @@ import uvloop
 from meteorit.bus import ipc
 from meteorit.errors import IpcError
 from meteorit.bus.ipc import MASTER_SLOT, TABLE_ALERT, Bus, Pipes
-from meteorit.bus.wire import MAX_ALERT, MAX_NAME, PAYLOAD, encode_body, packetize
+from meteorit.bus.wire import MAX_ALERT, MAX_NAME, PAYLOAD, PIPE_BUF, Reassembler, encode_body, packetize
 
 M, A, B, C = 999, 1000, 1001, 1002  # fake pids: the master and workers in slots 0, 1, 2
 TABLE = {MASTER_SLOT: M, 0: A, 1: B, 2: C}
@@ -228,6 +228,88 @@ def test_a_10_mib_alert_crosses_a_smaller_pipe_through_the_queue(
         assert await inbox.until(3) == [(A, b"before"), (A, big), (A, b"after")]
         assert a.stats()["queued_bytes"] == 0
         assert b.reassembler.partial_bytes == 0
+
+    run(scenario())
+
+
+class RecordingOs:
+    """The os module as meteorit.bus.ipc sees it, with every write() recorded."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        written = os.write(fd, data)
+        self.writes.append(bytes(data))
+        return written
+
+
+def test_alerts_sent_together_share_writes_of_whole_packets_none_over_pipe_buf(
+        run: Run, make_pipes: Callable[[int], Pipes], monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = RecordingOs()
+    monkeypatch.setattr(ipc, "os", recorder)
+    pipes = make_pipes(2)
+    sent = [bytes([i % 256]) * (i % 300) for i in range(2000)]
+    sent[700] = os.urandom(3 * PAYLOAD)  # several packets, among small ones
+    sent[1400] = os.urandom(PAYLOAD - 10)  # one packet of nearly PIPE_BUF
+
+    async def scenario() -> None:
+        a, b = on_bus(pipes, 0), on_bus(pipes, 1)
+        inbox = Inbox()
+        b.receive("n", inbox)
+        for data in sent:
+            a.send(B, "n", data)
+        assert await inbox.until(len(sent)) == [(A, data) for data in sent]
+
+    run(scenario())
+    writes = recorder.writes
+    assert max(map(len, writes)) <= PIPE_BUF  # atomic, however many processes write
+    reader = Reassembler(B)
+    for chunk in writes:  # each write holds whole packets: nothing is left half-read
+        reader.feed(chunk)
+        assert not reader.buffer
+    assert len(writes) < len(sent) / 10  # small alerts queued together left together
+
+
+def test_broadcasts_sent_together_share_writes_too(
+        run: Run, make_pipes: Callable[[int], Pipes], monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = RecordingOs()
+    monkeypatch.setattr(ipc, "os", recorder)
+    pipes = make_pipes(2)
+    sent = [str(i).encode() * (i % 50) for i in range(1000)]
+
+    async def scenario() -> None:
+        a, b = on_bus(pipes, 0), on_bus(pipes, 1)
+        inboxes = {A: Inbox(), B: Inbox()}
+        a.receive("news", inboxes[A])
+        b.receive("news", inboxes[B])
+        for data in sent:
+            a.broadcast("news", data)
+        for inbox in inboxes.values():
+            assert await inbox.until(len(sent)) == [(A, data) for data in sent]
+
+    run(scenario())
+    assert max(map(len, recorder.writes)) <= PIPE_BUF
+    assert len(recorder.writes) < 2 * len(sent) / 10  # not one write per alert and worker
+
+
+def test_alerts_of_more_names_than_a_sender_keeps_all_arrive(
+        run: Run, make_pipes: Callable[[int], Pipes]) -> None:
+    pipes = make_pipes(2)
+    names = [f"name.{i}" for i in range(ipc.MAX_NAMES + 200)]
+
+    async def scenario() -> None:
+        a, b = on_bus(pipes, 0), on_bus(pipes, 1)
+        got: list[tuple[str, bytes]] = []
+        b.receive({name: (lambda data, name=name: got.append((name, data))) for name in names})
+        for name in names + names[:3]:
+            a.send(B, name, name.encode())
+        await settled(a, b)
+        assert got == [(name, name.encode()) for name in names + names[:3]]
+        assert len(a._prefixes) == ipc.MAX_NAMES  # what a sender keeps is bounded
 
     run(scenario())
 

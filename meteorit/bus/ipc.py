@@ -1,5 +1,5 @@
 """The IPC bus: OpenResty's ngx.ipc for meteorit. Named alerts between the master and
-the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see ipc_wire).
+the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see meteorit.bus.wire).
 
     from meteorit import ipc
     ipc.send(pid, "hello", b"data")          # to one process; IpcError for an unknown pid
@@ -12,9 +12,10 @@ the workers over Unix pipes, in packets of at most PIPE_BUF bytes (see ipc_wire)
     await ipc.request(pid, "name", b"", 1.0) # the reply's data; TimeoutError past the timeout
     await ipc.gather("name", b"", 1.0)       # {pid: reply} of every worker that answered in time
 
-Owns: the pipes (one per slot, made by the master before fork; every process writes to
-every pipe, reads only its own), the per-destination write queues, reassembly, handler
-dispatch and the slot → pid table. It is the only module that writes to pipes.
+Owns: reading and writing the pipes (one per slot, made by meteorit.bus.pipes before
+fork; every process writes to every pipe, reads only its own), the per-destination write
+queues, reassembly, handler dispatch and the slot → pid table. It is the only module that
+writes to pipes.
 Must not touch: HTTP, Redis, process management (the master tells it the table).
 
 Writes never block: pipes are non-blocking; on EAGAIN the packets wait in their
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import fcntl
 import inspect
 import logging
 import os
@@ -43,48 +43,25 @@ from typing import Any, Awaitable, Callable, Mapping, Union
 import msgpack
 
 from ..errors import IpcError
-from .wire import HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, encode_body, packetize
+from .pipes import MASTER_SLOT, Pipes
+from .wire import (HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, check_size, crc32, cut_body,
+                   frame, name_prefix, whole_packet)
 
 log = logging.getLogger("meteorit.ipc")
 
-MASTER_SLOT = -1
 TABLE_ALERT = "ipc.table"
 MAX_QUEUE = 64 * 1024 * 1024  # bytes waiting for one destination
-PIPE_SIZE = 1024 * 1024  # asked of the kernel per pipe (F_SETPIPE_SZ), to absorb bursts
 READ_SIZE = 64 * 1024  # one read of 10-byte alerts is ~1300 alerts, ~5 ms to deliver
+MAX_NAMES = 1024  # alert names whose encoded prefix a sender keeps
 READ_BUDGET = 0.002  # seconds of reading per wake-up: an alert flood must not starve HTTP
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 Handler = Callable[[bytes], Union[None, Awaitable[None]]]
 Data = Union[bytes, bytearray, memoryview, str]
 Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
 
-# (sender pid, sender slot, alert id) of the alert whose handler runs; a context variable,
-# so it holds across awaits in a coroutine handler and never leaks into other tasks.
-_current: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar("ipc_current", default=None)
-
-
-class Pipes:
-    """One non-blocking pipe per slot (workers 0..n-1 and the master), made before fork."""
-
-    def __init__(self, slots: int) -> None:
-        self.fds: dict[int, tuple[int, int]] = {}
-        for slot in [MASTER_SLOT, *range(slots)]:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # kept over fork, not over exec
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-max-size: the default size works too
-            self.fds[slot] = (r, w)
-
-    def keep_only_reader(self, slot: int) -> None:
-        """In a worker: close the read ends of the other slots' pipes."""
-        for other, (r, _w) in self.fds.items():
-            if other != slot:
-                os.close(r)
-
-    def all_fds(self) -> list[int]:
-        return [fd for pair in self.fds.values() for fd in pair]
+# The alert whose handler runs (its sender pid and slot, its id); a context variable, so
+# it holds across awaits in a coroutine handler and never leaks into other tasks.
+_current: contextvars.ContextVar[Alert | None] = contextvars.ContextVar("ipc_current", default=None)
 
 
 class _Waiter:
@@ -147,10 +124,12 @@ class Bus:
         self.handlers: dict[str, Handler] = {}
         self.table: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
-        self.queues: dict[int, deque[bytes]] = {s: deque() for s in pipes.fds}
+        self.worker_table: list[tuple[int, int]] = []  # (slot, pid) of every worker, by slot
+        self.queues: dict[int, deque[bytes | bytearray]] = {s: deque() for s in pipes.fds}
         self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
         self.waiters: dict[int, _Waiter] = {}
         self._next_id = 0
+        self._prefixes: dict[str, tuple[bytes, int]] = {}  # name -> (body prefix, its CRC)
         self._tasks: set[asyncio.Task[Any]] = set()
         # counters
         self.sent = 0
@@ -170,6 +149,7 @@ class Bus:
                 self.queues[slot].clear()
         self.table = dict(table)
         self.slot_of = {pid: slot for slot, pid in self.table.items()}
+        self.worker_table = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
         for pid in gone:
             self.reassembler.forget(pid)
             for waiter in list(self.waiters.values()):
@@ -190,7 +170,7 @@ class Bus:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [pid for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
+        return [pid for _slot, pid in self.worker_table]
 
     # --- sending
 
@@ -198,46 +178,105 @@ class Bus:
         slot = self.slot_of.get(pid)
         if slot is None:
             raise IpcError(f"no process with pid {pid} on the bus")
-        return self._send_to(slot, pid, name, _as_bytes(data), reply_to)
+        return self._send_to(slot, pid, name, data, reply_to)
 
     def broadcast(self, name: str, data: Data = b"") -> int:
         """To every worker (the sender included, if a worker). Returns the alert id."""
-        body = _encode(name, _as_bytes(data))
-        targets = [(slot, pid) for slot, pid in sorted(self.table.items()) if slot != MASTER_SLOT]
+        data = data if type(data) is bytes else _as_bytes(data)
+        prefix, prefix_crc = self._prefix(name)
+        _check_size(prefix, data)
+        total = len(prefix) + len(data)
+        # the payload CRCs once for every destination
+        payloads = cut_body(prefix, data) if total > PAYLOAD else None
+        size = total + HEADER_SIZE * (len(payloads) if payloads else 1)  # what will be queued
         # all or nothing: a caller that gets an error can retry without duplicates
-        size = len(body) + HEADER_SIZE * -(-len(body) // PAYLOAD)  # what _enqueue will count
-        full = [pid for slot, pid in targets if self.queued[slot] + size > self.max_queue]
+        full = [pid for slot, pid in self.worker_table if self.queued[slot] + size > self.max_queue]
         if full:
             raise IpcError(f"broadcast {name!r} not sent: the queues to pids {full} are full")
         alert_id = self._new_id()
-        for slot, pid in targets:
-            self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id))
+        payload_crc = 0 if payloads else crc32(data, prefix_crc)
+        for slot, pid in self.worker_table:
+            if payloads:
+                packets = frame(payloads, total, self.pid, self.slot, pid, alert_id)
+            else:
+                packets = [whole_packet(prefix, payload_crc, data, self.pid, self.slot, pid, alert_id, 0)]
+            self._enqueue(slot, packets)
         return alert_id
 
-    def _send_to(self, slot: int, pid: int, name: str, data: bytes, reply_to: int = 0) -> int:
-        body = _encode(name, data)
-        alert_id = self._new_id()
-        self._enqueue(slot, packetize(body, self.pid, self.slot, pid, alert_id, reply_to))
+    def _send_to(self, slot: int, pid: int, name: str, data: Data, reply_to: int = 0) -> int:
+        data = data if type(data) is bytes else _as_bytes(data)
+        try:
+            prefix, prefix_crc = self._prefixes[name]
+        except (KeyError, TypeError):  # a new name, or not a str at all
+            prefix, prefix_crc = self._prefix(name)
+        if len(prefix) + len(data) > PAYLOAD:
+            _check_size(prefix, data)
+            alert_id = self._new_id()
+            self._enqueue(slot, frame(cut_body(prefix, data), len(prefix) + len(data), self.pid,
+                                      self.slot, pid, alert_id, reply_to))
+            return alert_id
+        # most alerts: one packet, built in one go and added to the queue's last write unit
+        self._next_id = alert_id = self._next_id % 0xFFFFFFFF + 1  # as _new_id()
+        packet = whole_packet(prefix, crc32(data, prefix_crc), data, self.pid, self.slot, pid,
+                              alert_id, reply_to)
+        queue = self.queues[slot]
+        queued = self.queued[slot] + len(packet)
+        if queued > self.max_queue:
+            raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
+        self.queued[slot] = queued
+        self.sent += 1
+        if queue and type(tail := queue[-1]) is bytearray and len(tail) + len(packet) <= PIPE_BUF:
+            tail += packet
+        else:
+            was_idle = not queue
+            queue.append(bytearray(packet) if len(packet) <= PIPE_BUF // 2 else packet)
+            if was_idle:
+                self._start_drain(slot)
         return alert_id
+
+    def _prefix(self, name: str) -> tuple[bytes, int]:
+        """A name's prefix (length byte and UTF-8) and its CRC, kept for the next alerts."""
+        if not isinstance(name, str):
+            raise IpcError(f"alert name must be a str, not {type(name).__name__}")
+        entry = self._prefixes.get(name)
+        if entry is None:
+            try:
+                prefix = name_prefix(name)
+            except ValueError as exc:
+                raise IpcError(str(exc)) from None
+            entry = (prefix, crc32(prefix))
+            if len(self._prefixes) < MAX_NAMES:
+                self._prefixes[name] = entry
+        return entry
 
     def _new_id(self) -> int:
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # never 0: 0 means "not a reply"
         return self._next_id
 
     def _enqueue(self, slot: int, packets: list[bytes]) -> None:
+        """Queue the packets of one alert. A queue holds write units, each written with
+        one write() of at most PIPE_BUF bytes of whole packets, so it is atomic: a small
+        packet joins the last unit while it fits (send() does the same inline)."""
         size = sum(map(len, packets))
         if self.queued[slot] + size > self.max_queue:
             raise IpcError(f"queue to slot {slot} is full ({self.queued[slot]} bytes waiting)")
         queue = self.queues[slot]
         was_idle = not queue
-        queue.extend(packets)
+        for packet in packets:
+            if queue and type(tail := queue[-1]) is bytearray and len(tail) + len(packet) <= PIPE_BUF:
+                tail += packet
+            else:
+                queue.append(bytearray(packet) if len(packet) <= PIPE_BUF // 2 else packet)
         self.queued[slot] += size
         self.sent += 1
         if was_idle:
-            if self.defer is not None:
-                self.defer(self._drain, slot)
-            else:
-                self._drain(slot)
+            self._start_drain(slot)
+
+    def _start_drain(self, slot: int) -> None:
+        if self.defer is not None:
+            self.defer(self._drain, slot)
+        else:
+            self._drain(slot)
 
     def on_writable(self, slot: int) -> None:
         self._drain(slot)
@@ -246,22 +285,16 @@ class Bus:
         queue = self.queues[slot]
         fd = self.pipes.fds[slot][1]
         while queue:
-            # as many whole packets as fit in one atomic write
-            count, size = 1, len(queue[0])
-            while count < len(queue) and size + len(queue[count]) <= PIPE_BUF:
-                size += len(queue[count])
-                count += 1
-            chunk = queue[0] if count == 1 else b"".join([queue[i] for i in range(count)])
+            unit = queue[0]
             try:
-                os.write(fd, chunk)
+                os.write(fd, unit)  # <= PIPE_BUF bytes to a pipe: all of it or EAGAIN
             except BlockingIOError:
                 if fd not in self.watching:
                     self.watching.add(fd)
                     self.watch(fd, slot, True)
                 return
-            for _ in range(count):
-                queue.popleft()
-            self.queued[slot] -= size
+            queue.popleft()
+            self.queued[slot] -= len(unit)
         if fd in self.watching:
             self.watching.discard(fd)
             self.watch(fd, slot, False)
@@ -304,6 +337,7 @@ class Bus:
         """Read and deliver for at most READ_BUDGET; the reader is level-triggered, so
         what is left is read on the next wake-up, after the loop served the rest."""
         deadline = time.monotonic() + READ_BUDGET
+        feed, handlers = self.reassembler.feed, self.handlers
         while True:
             try:
                 data = os.read(self.read_fd, READ_SIZE)
@@ -311,13 +345,18 @@ class Bus:
                 return
             if not data:
                 return
-            for alert in self.reassembler.feed(data):
-                self._deliver(alert)
+            alerts = feed(data)
+            self.received += len(alerts)
+            for alert in alerts:
+                handler = handlers.get(alert.name)
+                if handler is not None and not alert.reply_to and alert.name != TABLE_ALERT:
+                    self._run(handler, alert)  # most alerts: a handler, no reply awaited
+                else:
+                    self._deliver(alert)
             if len(data) < READ_SIZE or time.monotonic() > deadline:
                 return
 
     def _deliver(self, alert: Alert) -> None:
-        self.received += 1
         if alert.name == TABLE_ALERT and alert.sender_slot == MASTER_SLOT:
             try:
                 table = msgpack.unpackb(alert.data, strict_map_key=False)
@@ -337,7 +376,10 @@ class Bus:
         if handler is None:
             self.unhandled += 1
             return
-        token = _current.set((alert.sender_pid, alert.sender_slot, alert.alert_id))
+        self._run(handler, alert)
+
+    def _run(self, handler: Handler, alert: Alert) -> None:
+        token = _current.set(alert)
         try:
             result = handler(alert.data)
             if result is not None and inspect.isawaitable(result):  # isawaitable(None) is slow
@@ -364,10 +406,10 @@ class Bus:
             raise IpcError("reply() is only allowed inside an alert handler")
         # To the sender's slot, from the packet header: the table may not list a worker
         # that was just forked yet. A stale slot is harmless: the reader's pid fence drops it.
-        sender_pid, sender_slot, alert_id = current
+        sender_pid, sender_slot, alert_id = current.sender_pid, current.sender_slot, current.alert_id
         if sender_slot not in self.queues:
             raise IpcError(f"the sender of this alert (pid {sender_pid}) has no pipe")
-        self._send_to(sender_slot, sender_pid, name, _as_bytes(data), alert_id)
+        self._send_to(sender_slot, sender_pid, name, data, alert_id)
 
     async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
@@ -419,11 +461,9 @@ def _as_bytes(data: Data) -> bytes:
     raise IpcError(f"alert data must be bytes or str, not {type(data).__name__}")
 
 
-def _encode(name: str, data: bytes) -> bytes:
-    if not isinstance(name, str):
-        raise IpcError(f"alert name must be a str, not {type(name).__name__}")
+def _check_size(prefix: bytes, data: bytes) -> None:
     try:
-        return encode_body(name, data)
+        check_size(prefix, data)
     except ValueError as exc:
         raise IpcError(str(exc)) from None
 
@@ -475,5 +515,5 @@ async def gather(name: str, data: Data = b"", timeout: float = 1.0) -> dict[int,
 def __getattr__(name: str) -> Any:
     if name == "sender":
         current = _current.get()
-        return None if current is None else current[0]
+        return None if current is None else current.sender_pid
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
