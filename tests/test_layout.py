@@ -63,6 +63,7 @@ def test_the_modules_are_found() -> None:
     ("meteorit.consumer", ("meteorit.master", "meteorit.worker")),
     ("meteorit.worker", ("meteorit.master", "meteorit.consumer")),
     ("meteorit.config", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+    ("meteorit.values", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.record", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.metrics", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
 ])
