@@ -64,6 +64,7 @@ def test_the_modules_are_found() -> None:
     ("meteorit.worker", ("meteorit.master", "meteorit.consumer")),
     ("meteorit.config", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.values", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
+    ("meteorit.topology", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.record", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.metrics", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
 ])
