@@ -34,7 +34,7 @@ from ..bus.ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
 from .spool import Spool
-from .writer import RedisWriter
+from .writer import RedisWriter, open_writer
 
 log = logging.getLogger("meteorit.worker")
 
@@ -127,10 +127,7 @@ class Worker:
         cfg = self.config
         spool = Spool(cfg.spool.dir, cfg.spool.fsync, cfg.spool.max_bytes)
         spool.open()  # after the privilege drop: the file belongs to the worker's user
-        self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
-                                  cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
-                                  cfg.redis.max_pending_bytes, spool, cfg.spool.redis_deadline,
-                                  cfg.redis.max_queue_length)
+        self.writer = open_writer(cfg, self.redis_url, spool)
         self.app = EventsApp(cfg, self.writer, self._collect_stats)
         self.state = state = ServerState(self.app, cfg.limits)
         for sock in self.sockets:
@@ -246,7 +243,7 @@ class Worker:
         self.app.reconfigure(new)
         self._share_rates()
         vars(self.state.limits).update(vars(new.limits))  # every connection reads this object
-        self.writer.queue = new.redis.queue.encode()
+        self.writer.apply(new.redis.queue, new.redis.wait_replicas)
         logging.getLogger().setLevel(new.log.level.upper())
         self.config = new
         log.info("config applied", extra={"config_version": new.version})
@@ -266,7 +263,9 @@ class Worker:
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "connections": len(self.state.connections),
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
-            "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed})
+            "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
+            "redis_waits_short": self.writer.waits_short, "redis_shards": self.writer.shard_counters(),
+            "redis_topology": self.writer.topology()})
 
     async def _collect_stats(self) -> metrics.Snapshot:
         """Every worker's counters over the bus, and the master's: for /metrics and /v1/stats."""
