@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import orjson
 
@@ -132,6 +132,22 @@ class Ledger:
 
     def audit(self, client: Any, queue: str) -> Audit:
         self.read_queue(client, queue)
+        return self.tally()
+
+    def audit_ids(self, ids: Iterable[str]) -> Audit:
+        """The ledger against every id found now, wherever they were read (the shards of a
+        cluster, a sink's table): the count of copies starts over from these."""
+        prefix = self.prefix
+        cut = len(prefix)
+        with self.lock:
+            copies = self.copies = bytearray(len(self.fate))
+            self.read_upto = 0
+        for event_id in ids:
+            if event_id.startswith(prefix) and copies[int(event_id[cut:])] < 255:
+                copies[int(event_id[cut:])] += 1
+        return self.tally()
+
+    def tally(self) -> Audit:
         found = missing = duplicated = lost = destroyed_found = 0
         missing_ids: list[str] = []
         with self.lock:

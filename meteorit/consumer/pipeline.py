@@ -28,12 +28,11 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .. import config
+from .. import config, topology
 from .batches import Batch, BatchQueue
 from .progress import Counters, Progress
 from .rows import WIDTH, Rows, dead_letter, decode
@@ -74,10 +73,9 @@ class Consumer:
         self.counters = Counters()
         self.progress = Progress(self.counters, self._depth, lambda: len(self.holding), live=live,
                                  every=cfg.consumer.stats_interval, sink_on_stdout=sink.to_stdout)
-        url = cfg.redis_connect_url
-        self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=cfg.redis.timeout, socket_connect_timeout=cfg.redis.timeout,
-            retry=Retry(NoBackoff(), 0))  # one try: the loops below back off themselves
+        # one try: the loops below back off themselves (sentinel mode: each reconnect asks
+        # the sentinels for the primary, so a failover is followed)
+        self.client = topology.client(cfg, cfg.redis_connect_url, retry=Retry(NoBackoff(), 0))
         self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
                                 cfg.consumer.lease)
         # batches in hand: popped, not yet acknowledged
@@ -155,7 +153,7 @@ class Consumer:
             await self.sink.close()
         except RETRYABLE as exc:
             log.warning("closing the sink failed", extra={"error": brief(exc)})
-        await self.client.aclose()
+        await topology.aclose(self.client)
         return len(left)
 
     # --- pipeline

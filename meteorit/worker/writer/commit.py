@@ -1,10 +1,10 @@
 """The Redis writer of a worker: group commit of events into the queue list, and the
-spool for when Redis cannot take them. This is the writer of single and sentinel modes
-(meteorit/worker/writer/shards.py builds cluster mode's on it).
+spool for when Redis cannot take them. The writer of single and sentinel modes; cluster
+mode's (shards.py) is built on it.
 
 Owns: the worker's only Redis connection (to `redis.url`, or to the primary the sentinels
-name: a SentinelConnectionPool looks it up again on every reconnect), and the decision where a request's events go:
-Redis, or the worker's spool (meteorit/worker/spool/), and the replay of spools into Redis.
+name: a SentinelConnectionPool asks them again on every reconnect), and the decision where
+a request's events go: Redis, or the worker's spool (meteorit/worker/spool/).
 Requests hand it their records with a callback; while one RPUSH is in flight the next
 requests wait, and the next RPUSH carries all of them (bounded by `batch_max_events` and
 `batch_max_bytes`, and always whole requests, so a request is in Redis whole or not at
@@ -26,18 +26,13 @@ States:
   every request meanwhile, go to the spool and are answered from there;
 - `queue_full` is True while the queue holds more than `max_queue_length` events, as the
   RPUSH replies (the new length, for free) and a once-a-second LLEN tell: then 503, so a
-  stopped consumer cannot make Redis run out of memory.
+  stopped consumer cannot make Redis run out of memory;
+- `replicas_short` (`redis.wait_replicas` N > 0: each RPUSH goes out with a `WAIT N
+  timeout` on the same connection) is True from a WAIT that counted fewer than N, whose
+  events then went to the spool too (duplicates, never losses), until a WAIT is met
+  again: replays wait meanwhile (each tick asks with a short WAIT when no write does).
 Without a spool (unit tests), an unreachable Redis or `max_pending_bytes` waiting is a 503.
-
-With `redis.wait_replicas` N > 0 the RPUSH and a `WAIT N timeout` go out in one write on
-the same connection (WAIT counts the replicas that have this connection's writes); fewer
-than N: the batch's events go to the spool too (they are in Redis already: duplicates,
-never losses), and replays wait until a WAIT is met again.
-
-Replay: on the worker's tick, while Redis can take events, our own spool and then any
-orphan (the spool of a process that is gone, found by its lock) are pushed in order in
-chunks; the spool's cursor moves after each acknowledged chunk, then the file is cut back
-(ours) or removed (an orphan).
+Replaying spools: replay.py.
 """
 
 from __future__ import annotations
@@ -58,6 +53,7 @@ from ...errors import WriterUnavailable
 from ...metrics import BATCH_BUCKETS, Histogram
 from ..spool import Spool
 from .replay import replay_spools
+from .wire import pack_rpush, pack_wait, read_replies
 
 log = logging.getLogger("meteorit.writer")
 
@@ -66,6 +62,7 @@ HEARTBEAT = 1.0  # an idle connection sends LLEN this often: /readyz notices a d
 SPOOL_FLUSH_GRACE = 5.0  # seconds a stopping writer waits for the spool's last writes
 TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAIT_MARGIN = 1.0  # seconds the WAIT reply may take beyond WAIT's own timeout (the socket's is the same)
+REPLICA_PROBE = 0.1  # seconds a WAIT asking whether replicas are back may take
 
 Done = Callable[[Exception | None, bool], None]  # (error, spooled)
 Request = tuple[list[bytes], int, Done]  # records, bytes, callback
@@ -349,7 +346,7 @@ class RedisWriter:
         return None
 
     def pack_wait(self, replicas: int) -> bytes:
-        return hiredis.pack_command((b"WAIT", replicas, int(self.timeout * 1000)))
+        return pack_wait(replicas, self.timeout)
 
     def _saw_replicas(self, replicas: object, wanted: int) -> ReplicasShort | None:
         """The WAIT's answer: None when enough replicas have the write, else the error that
@@ -394,6 +391,8 @@ class RedisWriter:
     async def _exchange(self, packed: bytes, replies: int = 1) -> Any:
         for attempt in (1, 2):
             try:
+                if not self.conn.is_connected:  # connect() itself: sentinel mode asks for the primary there
+                    await self.conn.connect()
                 await self.conn.send_packed_command(packed, check_health=False)
                 if replies == 1:
                     return await self.conn.read_response()
@@ -454,6 +453,10 @@ class RedisWriter:
     def check_spools(self) -> None:
         """Start replaying our spool, then orphans, if Redis can take events (the
         worker's tick calls this once a second, and so does Redis coming back)."""
+        if self.replicas_short and self.ready and not self.flushing and not self.replaying:
+            self.replaying = True  # no traffic may come to tell: ask whether the replicas are back
+            self._spawn(self._probe_replicas())
+            return
         if self.spool is None or self.replaying or not self._can_replay():
             return
         self.replaying = True
@@ -479,6 +482,21 @@ class RedisWriter:
         """What /readyz adds to its answer about the topology: nothing for one queue."""
         return ""
 
+    async def _probe_replicas(self) -> None:
+        """WAIT on a connection with no write pending answers how many replicas are linked."""
+        try:
+            replicas = await self._command(pack_wait(self.wait_replicas or 1, REPLICA_PROBE))
+            if self.wait_replicas:
+                self._saw_replicas(replicas, self.wait_replicas)
+            else:
+                self.replicas_short = False
+        except TRANSPORT_ERRORS as exc:
+            self._went_down(exc)
+        except RedisError:
+            pass
+        finally:
+            self.replaying = False
+
     async def _replay(self) -> None:
         try:
             await replay_spools(self)
@@ -500,20 +518,3 @@ def _answer(done: Done, error: Exception | None, spooled: bool) -> None:
         done(error, spooled)
     except Exception:  # one failing callback must not strand the rest of the batch
         log.exception("answering a request failed")
-
-
-async def read_replies(conn: Any, count: int, timeout: float) -> list[Any]:
-    """`count` replies of pipelined commands, an error reply as its exception object: every
-    reply is read, so the connection stays in step whatever they say."""
-    answers: list[Any] = []
-    for _ in range(count):
-        try:
-            answers.append(await conn.read_response(timeout=timeout))
-        except ResponseError as exc:
-            answers.append(exc)
-    return answers
-
-
-def pack_rpush(queue: bytes, values: list[bytes]) -> bytes:
-    """The wire bytes of one group-commit RPUSH, packed in C."""
-    return hiredis.pack_command((b"RPUSH", queue, *values))

@@ -104,11 +104,21 @@ class ClusterWriter(RedisWriter):
             self.shard_errors[shard] += 1
             if isinstance(error, ReplicasShort):  # in Redis already: the spool takes a copy
                 self.cooldown[shard] = time.monotonic() + SHARD_COOLDOWN
+                log.warning("shard %d: %s within %.1fs; its events go to the spool too, and the shard "
+                            "sits out for %.0fs", shard, error, self.timeout, SHARD_COOLDOWN)
                 return error
             log.error("redis refused a write of %d events to shard %d: %s", len(values), shard, error)
         if len(self.unreachable) == self.shards:
             self._went_down(error or ShardUnreachable("no shard is reachable"))
         return error or ShardUnreachable("no shard is reachable")
+
+    def _saw_replicas(self, replicas: object, wanted: int) -> ReplicasShort | None:
+        """Per shard here: a short WAIT cools its shard down (see _rotation) and the other
+        shards, and replays, go on; no writer-wide `replicas_short`."""
+        if isinstance(replicas, int) and replicas >= wanted:
+            return None
+        self.waits_short += 1
+        return ReplicasShort(f"WAIT {wanted}: {replicas} replicas acknowledged")
 
     def _rotation(self) -> list[int]:
         """The shards to try for the next batch, the next in turn first; those cooling down
