@@ -62,7 +62,7 @@ def node_kwargs(cfg: Config) -> dict[str, Any]:
 def cluster_client(cfg: Config, **extra: Any) -> RedisCluster:
     nodes = [ClusterNode(*parse_redis_node(node)) for node in cfg.redis.nodes]
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), CLUSTER_ATTEMPTS)
-    return RedisCluster(startup_nodes=nodes, retry=retry, **{**node_kwargs(cfg), **extra})
+    return RedisCluster(startup_nodes=nodes, **{"retry": retry, **node_kwargs(cfg), **extra})
 
 
 def sentinel_manager(cfg: Config) -> Sentinel:

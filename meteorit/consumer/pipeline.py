@@ -29,11 +29,12 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from .. import config, topology
 from .batches import Batch, BatchQueue
+from .shards import ShardedQueue
 from .progress import Counters, Progress
 from .rows import WIDTH, Rows, dead_letter, decode
 from .sink import Sink, SinkFailed, SinkUnavailable, Written
@@ -51,7 +52,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 IDLE_MIN, IDLE_MAX = 0.01, 0.5  # polling an empty queue, doubling up to the max
 ONCE_IDLE_MAX = 0.1
 ERROR_CHARS = 160  # of an error message in the log
-RETRYABLE = (RedisError, OSError, SinkUnavailable)
+RETRYABLE = (RedisError, RedisClusterException, OSError, SinkUnavailable)
 
 T = TypeVar("T")
 
@@ -64,7 +65,7 @@ class Consumer:
     """One consumer process: the pipeline, its lease and its counters."""
 
     def __init__(self, cfg: config.Config, sink: Sink, consumer_id: str, *, once: bool = False,
-                 live: bool = False) -> None:
+                 live: bool = False, shards: list[int] | None = None) -> None:
         self.cfg = cfg
         self.sink = sink
         self.id = consumer_id
@@ -76,8 +77,13 @@ class Consumer:
         # one try: the loops below back off themselves (sentinel mode: each reconnect asks
         # the sentinels for the primary, so a failover is followed)
         self.client = topology.client(cfg, cfg.redis_connect_url, retry=Retry(NoBackoff(), 0))
-        self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
-                                cfg.consumer.lease)
+        self.queue: BatchQueue | ShardedQueue
+        if cfg.redis.mode == config.CLUSTER:  # every shard, or those pinned (`shards`), shared by lease
+            self.queue = ShardedQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
+                                      cfg.consumer.lease, cfg.redis.shards, shards)
+        else:
+            self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
+                                    cfg.consumer.lease)
         # batches in hand: popped, not yet acknowledged
         self.fetched: asyncio.Queue[tuple[Batch, Rows] | None] = asyncio.Queue(cfg.consumer.concurrency)
         self.holding: dict[str, Batch] = {}
