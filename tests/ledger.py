@@ -17,6 +17,8 @@ marked with `destroy` and must NOT come back.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +55,16 @@ class Audit:
         return ("sent {sent}, acknowledged {acknowledged} ({spooled} spooled), rejected {rejected}, "
                 "unanswered {unanswered}, found in Redis {found}{lost}, missing {missing}, "
                 "duplicated {duplicated}".format(lost=lost, **asdict(self)))
+
+
+def report(name: str, audit: Audit, note: str = "", loss_allowed: bool = False) -> None:
+    """Print a scenario's ledger, and append it to $METEORIT_CHAOS_REPORT for bin/meteorit-chaos.
+    `loss_allowed`: a loss the README states as the risk of a setting (counted, not a failure)."""
+    print(f"{name}: {audit.line()}" + (f"; {note}" if note else ""))
+    path = os.environ.get("METEORIT_CHAOS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"scenario": name, "note": note, "loss_allowed": loss_allowed, **asdict(audit)}) + "\n")
 
 
 class Ledger:

@@ -121,7 +121,10 @@ class Cluster:
                 "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-port", str(free_port()),  # not port + 10000: that may be taken, or past 65535
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"]))
+                "--save", "", "--appendonly", "no", "--enable-debug-command", "yes",
+                "--repl-diskless-sync-delay", "0",  # replicas in sync at once, not 5 s later
+                # as the README advises: the other primaries keep taking writes while one fails over
+                "--cluster-require-full-coverage", "no"]))
         for node in self.nodes:
             node.start()
         subprocess.run([REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes),
@@ -184,8 +187,9 @@ class Cluster:
             topology = self.topology()
             if len(topology) != primaries or any(len(r) < replicas for r in topology.values()):
                 return False
-            return all(_info(self.node(p).port, "replication").get("connected_slaves", 0) >= replicas
-                       for p in topology)
+            # every replica synced: one still loading its first copy could not take over
+            return all(_info(self.node(r).port, "replication").get("master_link_status") == "up"
+                       for rs in topology.values() for r in rs)
         wait_until(healthy, READY_TIMEOUT, "the cluster to be ok with every replica linked")
 
 
@@ -228,7 +232,8 @@ class SentinelSet:
         self.stop()
 
     def _start(self) -> None:
-        data = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes"]
+        data = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "yes",
+                "--repl-diskless-sync-delay", "0"]
         port = free_port()
         self.primary = Node(port, self.workdir / "primary", ["--port", str(port), *data])
         self.primary.start()

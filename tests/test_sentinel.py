@@ -21,7 +21,7 @@ import pytest
 
 from conftest import Meteorit, wait_until
 from consumer_process import Consumer
-from ledger import Ledger, Load
+from ledger import Ledger, Load, report
 from redis_cluster import SERVICE, SentinelSet, _info
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -72,7 +72,9 @@ def test_the_primary_killed_under_load_loses_nothing_acknowledged(
             except AssertionError:
                 deadline_hit = True
             audit = ledger.audit_ids(stored_ids(db))
-            print(f"sentinel failover: {audit.line()}")
+            report("sentinel: the primary killed under load, wait_replicas = 1", audit,
+                   note="the sentinels promoted its replica; the killed node came back as a replica; "
+                        "ids read from the consumer's SQLite table")
             assert not deadline_hit and audit.missing == 0, f"acknowledged, not stored: {audit.missing_ids}"
             assert audit.spooled > 0  # the failover's gap went through the spools
             assert m.logs("redis reachable again")  # the workers found the new primary
