@@ -282,7 +282,7 @@ class SentinelSet:
         for sentinel in self.sentinels:
             try:
                 with sentinel.client() as c:
-                    host, port = c.sentinel_get_master_addr_by_name(SERVICE)
+                    _, port = c.sentinel_get_master_addr_by_name(SERVICE)
             except redislib.RedisError:
                 return None
             ports.add(int(port))

@@ -10,6 +10,8 @@ to Redis (tests/test_layout.py holds that).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...config import CLUSTER, SENTINEL, Config
 from ... import topology
 from ..spool import Spool
@@ -23,9 +25,10 @@ def open_writer(cfg: Config, redis_url: str, spool: Spool | None) -> RedisWriter
     """The writer of `cfg.redis.mode`; `redis_url` is single mode's (the master resolves
     "embedded" to its Redis's socket). Call inside the worker's event loop."""
     r = cfg.redis
-    common = dict(timeout=r.timeout, batch_max_events=r.batch_max_events, batch_max_bytes=r.batch_max_bytes,
-                  max_pending_bytes=r.max_pending_bytes, spool=spool, deadline=cfg.spool.redis_deadline,
-                  max_queue_length=r.max_queue_length, wait_replicas=r.wait_replicas)
+    common: dict[str, Any] = {
+        "timeout": r.timeout, "batch_max_events": r.batch_max_events, "batch_max_bytes": r.batch_max_bytes,
+        "max_pending_bytes": r.max_pending_bytes, "spool": spool, "deadline": cfg.spool.redis_deadline,
+        "max_queue_length": r.max_queue_length, "wait_replicas": r.wait_replicas}
     if r.mode == CLUSTER:
         return ClusterWriter(topology.cluster_client(cfg), r.queue, r.shards, **common)
     if r.mode == SENTINEL:
