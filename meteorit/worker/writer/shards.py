@@ -35,7 +35,7 @@ from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClust
                               TryAgainError)
 
 from ...topology import shard_key
-from .commit import TRANSPORT_ERRORS, WAIT_MARGIN, RedisWriter, ReplicasShort, pack_rpush, read_replies
+from .commit import HEARTBEAT, TRANSPORT_ERRORS, WAIT_MARGIN, RedisWriter, ReplicasShort, pack_rpush, read_replies
 
 log = logging.getLogger("meteorit.writer")
 
@@ -213,9 +213,15 @@ class ClusterWriter(RedisWriter):
                         node, fresh, exc)
 
     async def _watch_shards(self) -> None:
+        """Probe unreachable shards; and with redis.max_queue_length, sum every shard's length
+        once a second even while writes flow: an RPUSH's reply tells one shard's length only,
+        and the other workers write to the other shards."""
+        last_sweep = time.monotonic()
         while not self.closed:
             await asyncio.sleep(REFRESH_INTERVAL)
-            if self.unreachable and self.ready:  # not ready: the writer's own probe runs
+            sweep = self.max_queue_length and time.monotonic() - last_sweep >= HEARTBEAT
+            if self.ready and (self.unreachable or sweep):  # not ready: the writer's own probe runs
+                last_sweep = time.monotonic()
                 try:
                     await self._check_queue()
                 except UNREACHABLE as exc:
