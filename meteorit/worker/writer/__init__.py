@@ -1,10 +1,11 @@
 """The worker's Redis writer: group commit of events into the queue, the spool when Redis
 cannot take them, and the replay of spools.
 
-Three modules, by concern: `commit` (the group commit over one connection: single mode,
+Modules, by concern: `commit` (the group commit over one connection: single mode,
 and sentinel mode through the sentinels' primary), `shards` (cluster mode: the queue split
-in shards, each group commit to a shard whose primary is up) and `replay` (spools back into
-Redis). `open_writer` builds the one `redis.mode` asks for. Nothing else in a worker talks
+in shards, each group commit to a shard whose primary is up), `replay` (spools back into
+Redis), `replicas` (redis.wait_replicas: WAIT's answers) and `wire` (packing, replies).
+`open_writer` builds the one `redis.mode` asks for. Nothing else in a worker talks
 to Redis (tests/test_layout.py holds that).
 """
 
@@ -15,7 +16,9 @@ from typing import Any
 from ...config import CLUSTER, SENTINEL, Config
 from ... import topology
 from ..spool import Spool
-from .commit import RedisWriter, ReplicasShort, pack_rpush
+from .commit import RedisWriter
+from .replicas import ReplicasShort
+from .wire import pack_rpush
 from .shards import ClusterWriter
 
 __all__ = ["ClusterWriter", "RedisWriter", "ReplicasShort", "open_writer", "pack_rpush"]

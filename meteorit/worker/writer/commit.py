@@ -32,7 +32,7 @@ States:
   events then went to the spool too (duplicates, never losses), until a WAIT is met
   again: replays wait meanwhile (each tick asks with a short WAIT when no write does).
 Without a spool (unit tests), an unreachable Redis or `max_pending_bytes` waiting is a 503.
-Replaying spools: replay.py.
+Replaying spools: replay.py; what WAIT answers mean, and the replica probe: replicas.py.
 """
 
 from __future__ import annotations
@@ -53,23 +53,18 @@ from ...errors import WriterUnavailable
 from ...metrics import BATCH_BUCKETS, Histogram
 from ..spool import Spool
 from .replay import replay_spools
-from .wire import pack_rpush, pack_wait, read_replies
+from .replicas import ReplicaWait
+from .wire import TRANSPORT_ERRORS, pack_rpush, read_replies
 
 log = logging.getLogger("meteorit.writer")
 
 PROBE_INTERVAL = 0.5  # seconds between probes while Redis is unreachable
 HEARTBEAT = 1.0  # an idle connection sends LLEN this often: /readyz notices a dead Redis, the queue length stays known
 SPOOL_FLUSH_GRACE = 5.0  # seconds a stopping writer waits for the spool's last writes
-TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 WAIT_MARGIN = 1.0  # seconds the WAIT reply may take beyond WAIT's own timeout (the socket's is the same)
-REPLICA_PROBE = 0.1  # seconds a WAIT asking whether replicas are back may take
 
 Done = Callable[[Exception | None, bool], None]  # (error, spooled)
 Request = tuple[list[bytes], int, Done]  # records, bytes, callback
-
-
-class ReplicasShort(RedisError):
-    """WAIT counted fewer replicas than `redis.wait_replicas` within its timeout."""
 
 
 class _Batch:
@@ -84,7 +79,7 @@ class _Batch:
         self.handed_over = False
 
 
-class RedisWriter:
+class RedisWriter(ReplicaWait):
     def __init__(self, url: str, queue: str, timeout: float, batch_max_events: int,
                  batch_max_bytes: int, max_pending_bytes: int, spool: Spool | None = None,
                  deadline: float = 2.0, max_queue_length: int = 0, wait_replicas: int = 0,
@@ -345,25 +340,6 @@ class RedisWriter:
             return self._saw_replicas(replicas, wanted)
         return None
 
-    def pack_wait(self, replicas: int) -> bytes:
-        return pack_wait(replicas, self.timeout)
-
-    def _saw_replicas(self, replicas: object, wanted: int) -> ReplicasShort | None:
-        """The WAIT's answer: None when enough replicas have the write, else the error that
-        sends its events to the spool too."""
-        if isinstance(replicas, int) and replicas >= wanted:
-            if self.replicas_short:
-                self.replicas_short = False
-                log.info("replicas keep up again (WAIT %d met)", wanted)
-                self.check_spools()
-            return None
-        self.waits_short += 1
-        if not self.replicas_short:
-            self.replicas_short = True
-            log.warning("WAIT %d: only %s replicas acknowledged within %.1fs; spooling those events too",
-                        wanted, replicas, self.timeout)
-        return ReplicasShort(f"{replicas} of {wanted} replicas acknowledged")
-
     def _saw_queue_length(self, length: object) -> None:
         if not self.max_queue_length or not isinstance(length, int):
             return
@@ -391,7 +367,7 @@ class RedisWriter:
     async def _exchange(self, packed: bytes, replies: int = 1) -> Any:
         for attempt in (1, 2):
             try:
-                if not self.conn.is_connected:  # connect() itself: sentinel mode asks for the primary there
+                if not self.conn.is_connected:  # connect(): sentinel mode asks for the primary there
                     await self.conn.connect()
                 await self.conn.send_packed_command(packed, check_health=False)
                 if replies == 1:
@@ -481,21 +457,6 @@ class RedisWriter:
     def readiness_note(self) -> str:
         """What /readyz adds to its answer about the topology: nothing for one queue."""
         return ""
-
-    async def _probe_replicas(self) -> None:
-        """WAIT on a connection with no write pending answers how many replicas are linked."""
-        try:
-            replicas = await self._command(pack_wait(self.wait_replicas or 1, REPLICA_PROBE))
-            if self.wait_replicas:
-                self._saw_replicas(replicas, self.wait_replicas)
-            else:
-                self.replicas_short = False
-        except TRANSPORT_ERRORS as exc:
-            self._went_down(exc)
-        except RedisError:
-            pass
-        finally:
-            self.replaying = False
 
     async def _replay(self) -> None:
         try:

@@ -35,7 +35,9 @@ from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClust
                               TryAgainError)
 
 from ...topology import shard_key
-from .commit import HEARTBEAT, TRANSPORT_ERRORS, WAIT_MARGIN, RedisWriter, ReplicasShort, pack_rpush, read_replies
+from .commit import HEARTBEAT, WAIT_MARGIN, RedisWriter
+from .replicas import ReplicasShort
+from .wire import TRANSPORT_ERRORS, pack_rpush, read_replies
 
 log = logging.getLogger("meteorit.writer")
 

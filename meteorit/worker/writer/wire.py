@@ -10,7 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Errors of the transport: Redis may be back later (retry, spool), unlike a command's error.
+TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def pack_wait(replicas: int, timeout: float) -> bytes:
