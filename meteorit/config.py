@@ -19,7 +19,15 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .values import (EMBEDDED, api_keys, boolean, cidr_list, consumer_name, context_fields, cors_origins, listen_list, module_list, non_empty_str, non_negative_int, one_of, positive_int, positive_seconds, redis_url, sink_url, size, sql_table, str_value)
+from .values import (EMBEDDED, REDIS_MODES, SQLITE_TIMEOUT, api_keys, boolean, check_table, cidr_list, consumer_name, context_fields, cors_origins, KiB, listen_list, MiB, module_list, non_empty_str, non_negative_int, one_of, parse_listen_address, parse_redis_node, parse_sink_url, positive_int, positive_seconds, redis_nodes, redis_url, shard_count, sink_url, SinkUrl, size, sql_table, str_value)
+
+# The grammar of values lives in values.py; these are named here too for the modules that
+# read a setting's grammar through config (the listeners, the consumer's sinks).
+__all__ = ["Config", "Setting", "SETTINGS", "ConfigError", "load", "reload", "reload_plan",
+           "reference_markdown", "embedded_redis_url", "EMBEDDED", "EMBEDDED_SOCKET", "SPOOL_FRAMING",
+           "KiB", "MiB", "SQLITE_TIMEOUT", "SinkUrl", "check_table", "parse_listen_address", "parse_redis_node",
+           "parse_sink_url", "size", "SINGLE", "CLUSTER", "SENTINEL"]
+SINGLE, CLUSTER, SENTINEL = REDIS_MODES
 
 # What the spool's file format adds around one request (file header 20 + record header 12
 # + msgpack array32 5 bytes): declared here so config needs no import of the spool, and
@@ -30,6 +38,8 @@ EMBEDDED_SOCKET = "redis.sock"  # in redis.data_dir
 HOT = "hot"  # sent to the running workers, applied between requests
 REPLACE = "replace"  # workers are replaced one at a time (new one ready, then old one QUIT)
 RESTART = "restart"  # cannot change while running: the reload is refused
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str
@@ -69,9 +79,33 @@ SETTINGS: tuple[Setting, ...] = (
             "Proxies whose X-Forwarded-For is believed for the `ip` of events.context: networks such as "
             "\"10.0.0.0/8\", or \"unix\" for a proxy on a unix socket; empty: the ip is the peer's.",
             reload=HOT),
+    Setting("redis", "mode", "single", one_of(*REDIS_MODES),
+            "\"single\": one Redis at redis.url; \"cluster\": a Redis Cluster found from redis.nodes, the "
+            "queue split in redis.shards lists; \"sentinel\": the primary the sentinels in redis.nodes name "
+            "redis.sentinel_master.", reload=RESTART),
     Setting("redis", "url", EMBEDDED, redis_url,
-            "\"embedded\" (a private redis-server the master supervises) or a redis:// / unix:// URL.",
-            "METEORIT_REDIS_URL"),
+            "Single mode: \"embedded\" (a private redis-server the master supervises) or a redis:// / "
+            "rediss:// / unix:// URL.", "METEORIT_REDIS_URL"),
+    Setting("redis", "nodes", [], redis_nodes,
+            "Cluster mode: a few of the cluster's nodes, \"HOST:PORT\" (the client learns the rest); "
+            "sentinel mode: the sentinels.", "METEORIT_REDIS_NODES"),
+    Setting("redis", "sentinel_master", "", str_value,
+            "Sentinel mode: the name the sentinels monitor the primary under."),
+    Setting("redis", "username", "", str_value,
+            "Cluster and sentinel modes: the ACL user of the data nodes (single mode: in redis.url)."),
+    Setting("redis", "password", "", str_value,
+            "Cluster and sentinel modes: the password of the data nodes (single mode: in redis.url); "
+            "sentinels are asked without one."),
+    Setting("redis", "tls", False, boolean,
+            "Cluster and sentinel modes: TLS to every node and sentinel, checked against the system's "
+            "CA store (single mode: a rediss:// URL)."),
+    Setting("redis", "shards", 16, shard_count,
+            "Cluster mode: the queue is this many lists, redis.queue + \":{0}\" ... \":{N-1}\", spread "
+            "over the cluster's slots by their hash tag.", reload=RESTART),
+    Setting("redis", "wait_replicas", 0, non_negative_int,
+            "Above 0: a group commit is acknowledged only once WAIT confirms this many replicas have it "
+            "(waiting at most redis.timeout); short of that its events go to the spool too. 0: the "
+            "primary's acknowledgement is enough.", reload=HOT),
     Setting("redis", "queue", "meteorit:events", non_empty_str, "The Redis list events are pushed to.", reload=HOT),
     Setting("redis", "timeout", 5.0, positive_seconds, "Connect and command timeout towards Redis."),
     Setting("redis", "batch_max_events", 10000, positive_int, "Most events in one group-commit RPUSH."),
@@ -174,6 +208,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+_DEFAULTS = {s.name: s.parse(s.default) for s in SETTINGS}
 
 
 @dataclass
@@ -208,7 +243,7 @@ class Config:
 
     @property
     def embedded_redis(self) -> bool:
-        return self.redis.url == EMBEDDED
+        return self.redis.mode == SINGLE and self.redis.url == EMBEDDED
 
     @property
     def redis_connect_url(self) -> str:
@@ -280,10 +315,44 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if cfg.limits.max_buffered_bytes < cfg.limits.max_body:
         raise ConfigError("limits.max_buffered_bytes", f"{cfg.limits.max_buffered_bytes} bytes cannot hold one "
                           f"body of limits.max_body ({cfg.limits.max_body})")
+    _check_redis_topology(cfg, set(raw))
     if cfg.spool.max_bytes < cfg.limits.max_body + SPOOL_FRAMING:
         raise ConfigError("spool.max_bytes", f"{cfg.spool.max_bytes} bytes cannot hold one request of "
                           f"limits.max_body ({cfg.limits.max_body}) and its framing ({SPOOL_FRAMING} bytes)")
     return cfg
+
+
+def _check_redis_topology(cfg: Config, given: set[str]) -> None:
+    """The [redis] keys that belong together: each mode takes its own and refuses the others',
+    so a config meant for one mode cannot run quietly in another."""
+    r = cfg.redis
+    if r.mode == SINGLE:
+        for key, what in (("nodes", "cluster or sentinel nodes"), ("sentinel_master", "a sentinel master name"),
+                          ("username", "a username (put it in redis.url)"),
+                          ("password", "a password (put it in redis.url)"), ("tls", "tls (use a rediss:// URL)"),
+                          ("shards", "shards (cluster mode only)")):
+            if f"redis.{key}" in given and cfg.values[f"redis.{key}"] != _DEFAULTS[f"redis.{key}"]:
+                raise ConfigError(f"redis.{key}", f"redis.mode = \"single\" takes no {what}")
+        if r.wait_replicas and r.url == EMBEDDED:
+            raise ConfigError("redis.wait_replicas", "the embedded Redis has no replicas to wait for")
+        return
+    if "redis.url" in given:
+        raise ConfigError("redis.url", f"not used in {r.mode} mode: list the "
+                          f"{'seed nodes' if r.mode == CLUSTER else 'sentinels'} in redis.nodes")
+    if not r.nodes:
+        raise ConfigError("redis.nodes", f"{r.mode} mode needs at least one \"HOST:PORT\" "
+                          f"({'a node of the cluster' if r.mode == CLUSTER else 'a sentinel'})")
+    if r.mode == SENTINEL:
+        if not r.sentinel_master:
+            raise ConfigError("redis.sentinel_master", "sentinel mode needs the name the sentinels monitor")
+        if "redis.shards" in given:
+            raise ConfigError("redis.shards", "only in cluster mode: sentinel mode has one queue list")
+        return
+    if r.sentinel_master:
+        raise ConfigError("redis.sentinel_master", "only in sentinel mode")
+    for key in ("redis.queue", "consumer.dead_letter"):
+        if "{" in cfg.values[key] or "}" in cfg.values[key]:
+            raise ConfigError(key, "no braces in cluster mode: each shard's key gets its own hash tag")
 
 
 def reload(current: Config) -> Config:

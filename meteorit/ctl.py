@@ -322,6 +322,8 @@ def print_human(command: str, reply: dict[str, Any]) -> None:
         if redis:
             print(f"embedded redis: {redis['state']}, pid {redis['pid'] or '-'}, {redis['restarts']} restarts")
         print_workers(reply["workers"], with_requests=True)
+        if reply.get("redis"):
+            print_redis(reply["redis"])
         for pid in reply.get("missing_workers", []):
             print(f"worker {pid} did not answer in time", file=sys.stderr)
     elif command == "workers":
@@ -354,6 +356,17 @@ def print_workers(rows: list[dict[str, Any]], with_requests: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def print_redis(redis: dict[str, Any]) -> None:
+    """The queue's Redis as the workers see it: each node and its shards."""
+    nodes = redis.get("nodes", {})
+    print(f"redis: {redis['mode']}, {redis['shards']} shard(s) on {len(nodes)} primary node(s)")
+    for node, entry in sorted(nodes.items()):
+        state = "" if entry["reachable"] else "  UNREACHABLE"
+        print(f"  {node or '?'}: shards {' '.join(map(str, entry['shards']))}{state}")
+    if redis.get("unreachable"):
+        print(f"  unreachable shards: {' '.join(map(str, redis['unreachable']))}")
 
 
 def print_stats(doc: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # Keys of a worker snapshot that are not counters: `total` leaves them out.
 IDENTITY = ("pid", "slot", "version", "uptime_seconds")
 # What a worker sees now (for meteoritctl top): per worker only, never summed nor exported.
-OBSERVED = ("redis", "queue_length", "spool_bytes", "body_buffer_bytes")
+OBSERVED = ("redis", "queue_length", "spool_bytes", "body_buffer_bytes", "redis_topology")
 
 # Why an event request (POST /v1/events, the pixel) was refused, by status: a small fixed set,
 # so a label, never free text.
@@ -173,6 +173,8 @@ COUNTERS = (  # (snapshot key, metric, help)
     ("events_spooled", "meteorit_events_spooled_total",
      "Events acknowledged from the spool because Redis could not take them in time."),
     ("events_replayed", "meteorit_events_replayed_total", "Spooled events pushed into Redis since."),
+    ("redis_waits_short", "meteorit_redis_waits_short_total",
+     "Group commits whose WAIT saw fewer than redis.wait_replicas replicas (their events spooled too)."),
 )
 HISTOGRAMS = (  # (snapshot key, metric, help)
     ("request_duration_seconds", "meteorit_request_duration_seconds",
@@ -220,6 +222,7 @@ def prometheus(doc: Snapshot) -> str:
         for worker, snap in rows:
             if key in snap:
                 _histogram(name, worker, snap[key], sample)
+    _shards(doc, rows, family, sample)
     family("meteorit_workers", "gauge", "Workers that answered this scrape.")
     sample("meteorit_workers", {}, len(doc["workers"]))
     family("meteorit_workers_missing", "gauge",
@@ -235,6 +238,30 @@ def prometheus(doc: Snapshot) -> str:
             family(f"meteorit_{key}_total", "counter", help_text)
             sample(f"meteorit_{key}_total", {}, master.get(key, 0))
     return "\n".join(lines) + "\n"
+
+
+def _shards(doc: Snapshot, rows: list[tuple[str, Snapshot]], family: Any, sample: Any) -> None:
+    """Cluster mode: writes and errors per shard, and whether each shard's primary answers
+    (per worker, and without the label: 1 when every worker that answered reaches it)."""
+    if not doc["total"].get("redis_shards"):
+        return
+    for key, name, help_text in (("writes", "meteorit_redis_shard_writes_total", "Group commits a shard took."),
+                                 ("errors", "meteorit_redis_shard_write_errors_total",
+                                  "Group commits a shard failed (they went to another shard or the spool).")):
+        family(name, "counter", help_text)
+        for worker, snap in rows:
+            for shard, counts in sorted(snap.get("redis_shards", {}).items(), key=lambda kv: int(kv[0])):
+                sample(name, {"shard": shard, "worker": worker}, counts[key])
+    family("meteorit_redis_shard_reachable", "gauge", "1 while the shard's primary (the node label) answers.")
+    seen: dict[tuple[str, str], int] = {}
+    for worker, snap in rows[1:]:
+        for node, entry in snap.get("redis_topology", {}).get("nodes", {}).items():
+            for shard in entry["shards"]:
+                up = int(entry["reachable"])
+                sample("meteorit_redis_shard_reachable", {"shard": str(shard), "node": node, "worker": worker}, up)
+                seen[(str(shard), node)] = min(seen.get((str(shard), node), 1), up)
+    for (shard, node), up in sorted(seen.items(), key=lambda kv: int(kv[0][0])):
+        sample("meteorit_redis_shard_reachable", {"shard": shard, "node": node}, up)
 
 
 def _histogram(name: str, worker: str, hist: Snapshot, sample: Any) -> None:

@@ -17,6 +17,10 @@ from urllib.parse import parse_qs
 from redis.connection import parse_url as parse_redis_url
 
 EMBEDDED = "embedded"  # redis.url: the master starts and supervises a private redis-server
+EMBEDDED = "embedded"
+REDIS_MODES = ("single", "cluster", "sentinel")
+MAX_SHARDS = 1024  # a list per shard; more would only spread the queue thinner than slots help
+MAX_NODES = 64  # seed nodes or sentinels: a few are enough, the client learns the rest
 SQLITE_TIMEOUT = 5.0  # seconds a SQLite sink waits for another process's write lock
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 KiB = 1024
@@ -123,6 +127,39 @@ def redis_url(value: Any) -> str:
         parse_redis_url(value)  # the parser the workers will use, so -t catches what they would
     except ValueError as exc:
         raise ValueError(f"bad Redis URL {value!r}: {exc}") from None
+    return value
+
+
+def parse_redis_node(text: Any) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` of a cluster node or a sentinel -> (host, port)."""
+    if not isinstance(text, str):
+        raise ValueError(f"a node must be a \"HOST:PORT\" string, got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"bad node {text!r}: write an IPv6 address as [V6]:PORT")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"bad node {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def redis_nodes(value: Any) -> list[str]:
+    """Seed nodes of a cluster or the sentinels: a list of "HOST:PORT" (or one string, comma
+    separated, as an environment variable gives it)."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or len(value) > MAX_NODES:
+        raise ValueError(f"must be a list of at most {MAX_NODES} \"HOST:PORT\" strings")
+    for node in value:
+        parse_redis_node(node)
+    return list(value)
+
+
+def shard_count(value: Any) -> int:
+    value = positive_int(value)
+    if value > MAX_SHARDS:
+        raise ValueError(f"must be at most {MAX_SHARDS}, got {value}")
     return value
 
 
@@ -243,3 +280,4 @@ def one_of(*choices: str) -> Callable[[Any], str]:
             raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
         return value
     return parse
+

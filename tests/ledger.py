@@ -17,10 +17,12 @@ marked with `destroy` and must NOT come back.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import orjson
 
@@ -53,6 +55,16 @@ class Audit:
         return ("sent {sent}, acknowledged {acknowledged} ({spooled} spooled), rejected {rejected}, "
                 "unanswered {unanswered}, found in Redis {found}{lost}, missing {missing}, "
                 "duplicated {duplicated}".format(lost=lost, **asdict(self)))
+
+
+def report(name: str, audit: Audit, note: str = "", loss_allowed: bool = False) -> None:
+    """Print a scenario's ledger, and append it to $METEORIT_CHAOS_REPORT for bin/meteorit-chaos.
+    `loss_allowed`: a loss the README states as the risk of a setting (counted, not a failure)."""
+    print(f"{name}: {audit.line()}" + (f"; {note}" if note else ""))
+    path = os.environ.get("METEORIT_CHAOS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"scenario": name, "note": note, "loss_allowed": loss_allowed, **asdict(audit)}) + "\n")
 
 
 class Ledger:
@@ -132,6 +144,22 @@ class Ledger:
 
     def audit(self, client: Any, queue: str) -> Audit:
         self.read_queue(client, queue)
+        return self.tally()
+
+    def audit_ids(self, ids: Iterable[str]) -> Audit:
+        """The ledger against every id found now, wherever they were read (the shards of a
+        cluster, a sink's table): the count of copies starts over from these."""
+        prefix = self.prefix
+        cut = len(prefix)
+        with self.lock:
+            copies = self.copies = bytearray(len(self.fate))
+            self.read_upto = 0
+        for event_id in ids:
+            if event_id.startswith(prefix) and copies[int(event_id[cut:])] < 255:
+                copies[int(event_id[cut:])] += 1
+        return self.tally()
+
+    def tally(self) -> Audit:
         found = missing = duplicated = lost = destroyed_found = 0
         missing_ids: list[str] = []
         with self.lock:

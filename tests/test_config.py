@@ -337,3 +337,69 @@ def test_meteorit_t_rejects_a_bad_file_naming_the_key_and_the_reason(write_confi
     assert "must be a size" in result.stderr and "'lots'" in result.stderr
     assert result.stdout == ""
 
+
+
+# --- [redis] mode: single, cluster, sentinel
+
+
+CLUSTER_TOML = '[redis]\nmode = "cluster"\nnodes = ["10.0.0.1:7000", "[::1]:7001"]\npassword = "pw"\n'
+SENTINEL_TOML = '[redis]\nmode = "sentinel"\nnodes = ["10.0.0.9:26379"]\nsentinel_master = "events"\n'
+
+
+def test_cluster_and_sentinel_modes_take_their_own_keys(write_config: WriteConfig) -> None:
+    cfg = load(write_config(CLUSTER_TOML + "shards = 8\nwait_replicas = 1\n"), env={})
+    assert (cfg.redis.mode, cfg.redis.nodes, cfg.redis.shards, cfg.redis.wait_replicas) == (
+        "cluster", ["10.0.0.1:7000", "[::1]:7001"], 8, 1)
+    assert not cfg.embedded_redis  # redis.url keeps its default, unused: no embedded Redis
+    cfg = load(write_config(SENTINEL_TOML), env={})
+    assert (cfg.redis.mode, cfg.redis.sentinel_master, cfg.redis.shards) == ("sentinel", "events", 16)
+    assert load(env={"METEORIT_REDIS_NODES": "a:1, b:2"}, overrides={"redis.mode": "cluster"}).redis.nodes == [
+        "a:1", "b:2"]
+
+
+@pytest.mark.parametrize(("toml", "key", "reason"), [
+    ('[redis]\nmode = "cluster"\n', "redis.nodes", "cluster mode needs at least one"),
+    ('[redis]\nmode = "sentinel"\nnodes = ["s:26379"]\n', "redis.sentinel_master", "sentinel mode needs"),
+    ('[redis]\nmode = "sentinel"\nsentinel_master = "m"\n', "redis.nodes", "a sentinel"),
+    (CLUSTER_TOML + 'url = "redis://x:6379"\n', "redis.url", "not used in cluster mode"),
+    (SENTINEL_TOML + "shards = 4\n", "redis.shards", "only in cluster mode"),
+    (CLUSTER_TOML + 'sentinel_master = "m"\n', "redis.sentinel_master", "only in sentinel mode"),
+    (CLUSTER_TOML + 'queue = "{meteorit}:events"\n', "redis.queue", "no braces in cluster mode"),
+    (CLUSTER_TOML + '[consumer]\ndead_letter = "dead:{x}"\n', "consumer.dead_letter", "no braces"),
+    ('[redis]\nnodes = ["a:1"]\n', "redis.nodes", 'mode = "single" takes no'),
+    ('[redis]\npassword = "pw"\n', "redis.password", "put it in redis.url"),
+    ('[redis]\ntls = true\n', "redis.tls", "rediss://"),
+    ('[redis]\nshards = 4\n', "redis.shards", "cluster mode only"),
+    ('[redis]\nwait_replicas = 1\n', "redis.wait_replicas", "embedded Redis has no replicas"),
+    ('[redis]\nmode = "ring"\n', "redis.mode", "must be one of single, cluster, sentinel"),
+    (CLUSTER_TOML + "shards = 0\n", "redis.shards", "positive integer"),
+    (CLUSTER_TOML + "shards = 5000\n", "redis.shards", "at most 1024"),
+    ('[redis]\nmode = "cluster"\nnodes = ["host"]\n', "redis.nodes", "expected HOST:PORT"),
+    ('[redis]\nmode = "cluster"\nnodes = ["::1:7000"]\n', "redis.nodes", "[V6]:PORT"),
+    ('[redis]\nmode = "cluster"\nnodes = "a:1"\nwait_replicas = -1\n', "redis.wait_replicas", ">= 0"),
+])
+def test_a_wrong_redis_combination_names_the_key(write_config: WriteConfig, toml: str, key: str,
+                                                 reason: str) -> None:
+    error = error_of(write_config(toml), env={})
+    assert error.key == key and reason in error.reason, (error.key, error.reason)
+
+
+def test_wait_replicas_is_hot_and_the_topology_needs_a_restart(write_config: WriteConfig) -> None:
+    from meteorit.config import reload_plan
+    old = load(write_config(CLUSTER_TOML), env={})
+    assert reload_plan(old, load(write_config(CLUSTER_TOML + "wait_replicas = 1\n"), env={})).mode == "hot"
+    assert reload_plan(old, load(write_config(CLUSTER_TOML.replace("7000", "7002")), env={})).mode == "replace"
+    for change in ("shards = 4\n", ):
+        with pytest.raises(ConfigError) as info:
+            reload_plan(old, load(write_config(CLUSTER_TOML + change), env={}))
+        assert info.value.key == "redis.shards"
+    with pytest.raises(ConfigError) as info:
+        reload_plan(old, load(write_config(SENTINEL_TOML), env={}))
+    assert info.value.key == "redis.mode"
+
+
+def test_meteorit_t_checks_the_redis_topology(write_config: WriteConfig) -> None:
+    assert run_check(write_config(CLUSTER_TOML)).returncode == 0
+    result = run_check(write_config('[redis]\nmode = "sentinel"\nnodes = ["s:26379"]\n'))
+    assert result.returncode == 1
+    assert "redis.sentinel_master" in result.stderr and "sentinel mode needs" in result.stderr

@@ -13,7 +13,6 @@ import resource
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +22,8 @@ import pytest
 import redis as redislib
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import Meteorit, RedisServer, kill_group, toml_value, wait_until
+from conftest import Meteorit, RedisServer, kill_group, wait_until
+from consumer_process import CONSUMER, EXIT_TIMEOUT, QUEUE, Consumer
 from pg_server import PostgresServer, pg_bin_dir
 
 from meteorit.consumer import rows as rowslib
@@ -34,10 +34,7 @@ from meteorit.consumer.postgresql import PostgresSink
 from meteorit.consumer.sink import Written
 from meteorit.consumer.sqlite import SqliteSink
 
-CONSUMER = [sys.executable, "-m", "meteorit.consumer"]
-QUEUE = "meteorit:events"
 DEAD = "meteorit:dead"
-EXIT_TIMEOUT = 60
 
 
 def make_records(n: int, start: int = 0) -> list[bytes]:
@@ -65,64 +62,6 @@ def ids_of(recs: list[bytes]) -> set[str]:
 
 def in_flight_keys(client: redislib.Redis) -> list[bytes]:
     return client.keys(f"{QUEUE}:batch:*")
-
-
-class Consumer:
-    """A meteorit-consumer process in its own session; JSON logs to a file."""
-
-    def __init__(self, tmp: Path, name: str, redis_url: str, sink: str, log_level: str = "info",
-                 **consumer: Any) -> None:
-        self.dir = tmp
-        self.name = name
-        self.config = tmp / f"{name}.toml"
-        settings = {"sink": sink, "lease": 1.0, "name": name, "stats_interval": 0.2, **consumer}
-        self.config.write_text(
-            f"[redis]\nurl = {toml_value(redis_url)}\nqueue = {toml_value(QUEUE)}\n"
-            f"[log]\nlevel = {toml_value(log_level)}\n"
-            "[consumer]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
-        self.log_path = tmp / f"{name}.log"
-        self.out_path = tmp / f"{name}.out"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *args: str, stdout: int | None = None, limits: Callable[[], None] | None = None) -> Consumer:
-        """`stdout`: subprocess.PIPE for a pipe of our own (else a file); `limits` runs in the
-        child before exec (resource limits)."""
-        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
-            self.proc = subprocess.Popen([*CONSUMER, "-c", str(self.config), *args],
-                                         stdout=out if stdout is None else stdout, stderr=err,
-                                         start_new_session=True, cwd=self.dir, preexec_fn=limits)
-        return self
-
-    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"consumer {self.name} did not exit:\n{self.log_path.read_text()}") from None
-
-    def run_once(self, *args: str) -> int:
-        return self.start("--once", *args).wait()
-
-    def logs(self, msg: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text().splitlines() if self.log_path.exists() else []:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if msg is None or entry.get("msg") == msg:
-                found.append(entry)
-        return found
-
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc)
 
 
 @pytest.fixture

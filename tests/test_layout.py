@@ -65,6 +65,7 @@ def test_the_modules_are_found() -> None:
     ("meteorit.config", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.values", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus",
                          "meteorit.config")),
+    ("meteorit.topology", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.record", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.metrics", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus")),
     ("meteorit.scoreboard", ("meteorit.master", "meteorit.worker", "meteorit.consumer", "meteorit.bus",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import pytest
 import redis as redislib
 
-from conftest import RedisServer, free_port, wait_until
+from conftest import RedisServer, free_port, kill_group, wait_until
 from meteorit.errors import WriterUnavailable
 from meteorit.worker.spool import Spool, SpoolFile, encode_frame
 from meteorit.worker.writer import RedisWriter
@@ -325,3 +326,52 @@ def test_an_unexpected_error_in_a_write_leaves_no_spooling_state_behind(
         await writer.close()
 
     asyncio.run(scenario())
+
+
+# --- redis.wait_replicas: WAIT on the RPUSH's own connection
+
+
+def test_wait_replicas_short_spools_too_and_a_replica_that_comes_lets_the_replay_go(
+        redis_server: RedisServer, redis: redislib.Redis, tmp_path: Path) -> None:
+    """No replica: WAIT 1 falls short, so each request is in Redis and answered from the
+    spool (duplicates, never losses) and replays wait. A replica that links up is seen by
+    the tick's WAIT probe (no request needs to come), and the spool goes to Redis."""
+    replica_port = free_port()
+    (tmp_path / "replica").mkdir()
+    (tmp_path / "spool").mkdir()
+    replica: subprocess.Popen[bytes] | None = None
+
+    async def scenario() -> None:
+        nonlocal replica
+        writer = make_spooling_writer(redis_server.url, tmp_path / "spool", wait_replicas=1, timeout=0.3,
+                                      deadline=2.0)
+        await writer.start()
+        assert await answered(submit_answers(writer, 3, 2)) == [(None, True)] * 3
+        assert writer.replicas_short and writer.waits_short >= 1
+        assert redis.llen(QUEUE) == 6  # in Redis already, and in the spool
+        writer.check_spools()  # a tick: the probe still finds no replica, nothing replays
+        await wait_for(lambda: not writer.replaying, 5)
+        assert writer.replicas_short and writer.events_replayed == 0
+        replica = subprocess.Popen(["redis-server", "--port", str(replica_port), "--bind", "127.0.0.1",
+                                    "--save", "", "--replicaof", "127.0.0.1", str(redis_server.port),
+                                    "--dir", str(tmp_path / "replica")],
+                                   stdout=subprocess.DEVNULL, start_new_session=True)
+        await wait_for(lambda: redis.info("replication").get("connected_slaves") == 1, 20)
+
+        async def ticks() -> None:
+            while writer.events_replayed < 6:
+                writer.check_spools()
+                await asyncio.sleep(0.1)
+        await asyncio.wait_for(ticks(), 20)
+        assert not writer.replicas_short
+        assert await answered(submit_answers(writer, 1, 1, "met")) == [(None, False)]  # WAIT met: from Redis
+        await writer.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if replica is not None:
+            kill_group(replica)
+    values = redis.lrange(QUEUE, 0, -1)
+    assert sorted(values[:6]) == sorted(values[6:12])  # the spool's copies came after the first ones
+    assert values[12:] == [b"met0-e0"]

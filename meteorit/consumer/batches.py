@@ -27,11 +27,11 @@ live lease or recoverable. If C stalls past its lease and another consumer recov
 batches, C's later acks find nothing to delete and change nothing (the records are
 stored again by whoever pops them, and deduplicated by id).
 
-Redis Cluster is not supported as such: RECOVER and IN_FLIGHT_ELSEWHERE build the other
-consumers' keys inside Lua from Q and the members of Q:consumers, where Cluster wants
-every key a script touches in KEYS[]. With a hash-tagged queue (`{meteorit}:events`) every
-key is in one slot and it works, outside that contract. Passing them all in KEYS[] would
-take a read of Q:consumers before each script, racing with the consumers it lists.
+These are the single queue's scripts (single and sentinel modes). RECOVER and
+IN_FLIGHT_ELSEWHERE build the other consumers' keys inside Lua from Q and the members of
+Q:consumers, which one Redis allows; Redis Cluster wants every key a script touches in
+KEYS[], so cluster mode uses consumer/shards.py, where a lease per shard makes reading the
+keys first and passing them race-free.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """`meteorit-consumer`: drains the Redis queue into a database in atomic batches.
 
     meteorit-consumer [-c FILE] [--sink URL] [--batch N] [--concurrency N] [--once]
-                      [--redis URL] [--name NAME]
+                      [--redis URL] [--name NAME] [--shards 0-3,8]
 
 Owns: the command line, the config it loads, the consumer's process (its id, logging,
 signal handlers, interpreter settings) and opening the sink `consumer.sink` names. Must
 not touch: the pipeline's work (consumer.pipeline), Redis or the databases.
 
 Exit codes: 0 done (or stopped by TERM/INT with every batch in hand stored), 1 a config
-error or batches left unstored at exit (see consumer.pipeline), 2 bad arguments (argparse).
+error or batches left unstored at exit (see consumer.pipeline), 2 bad arguments (argparse, --shards).
 A TERM or INT that comes during start-up, before the event loop runs, is a stop like any
 other, not a kill.
 """
@@ -30,9 +30,11 @@ from ..errors import ConfigError
 from .ndjson import NdjsonSink
 from .pipeline import EXIT_FAILED, Consumer
 from .postgresql import PostgresSink
+from .shards import parse_shard_list
 from .sink import Sink
 from .sqlite import SqliteSink
 
+EXIT_USAGE = 2  # as argparse: a bad --shards
 STALL_SHARE = 2 / 3  # of consumer.lease: a database statement taking longer is stuck
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -57,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="drain what is there, print a summary and exit")
     p.add_argument("--redis", metavar="URL", help="Redis URL or \"embedded\" (overrides redis.url)")
     p.add_argument("--name", help="consumer name (overrides consumer.name)")
+    p.add_argument("--shards", metavar="LIST", help="cluster mode: only these shards, e.g. 0-3,8 (default: "
+                   "every shard, shared with the other consumers by lease)")
     p.add_argument("--version", action="version", version=f"meteorit-consumer {__version__}")
     return p
 
@@ -100,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meteorit-consumer: config error: {exc.key}: {exc.reason}", file=sys.stderr)
         return EXIT_FAILED
+    shards = None
+    if args.shards is not None:
+        try:
+            if cfg.redis.mode != config.CLUSTER:
+                raise ValueError("only in cluster mode (redis.mode = \"cluster\")")
+            shards = parse_shard_list(args.shards, cfg.redis.shards)
+        except ValueError as exc:
+            print(f"meteorit-consumer: --shards: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     ident = consumer_id(cfg.consumer.name)
     logsetup.setup(cfg.log.level, cfg.log.format)
     logsetup.set_role("consumer", consumer=ident)
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # decoding thread each time.
     sys.setswitchinterval(0.0005)
     gc.freeze()  # what exists now lives as long as the process: keep it out of collections
-    consumer = Consumer(cfg, sink, ident, once=args.once, live=sys.stderr.isatty())
+    consumer = Consumer(cfg, sink, ident, once=args.once, live=sys.stderr.isatty(), shards=shards)
     return asyncio.run(serve(consumer))
 
 

@@ -28,13 +28,13 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from .. import config
+from .. import config, topology
 from .batches import Batch, BatchQueue
+from .shards import ShardedQueue
 from .progress import Counters, Progress
 from .rows import WIDTH, Rows, dead_letter, decode
 from .sink import Sink, SinkFailed, SinkUnavailable, Written
@@ -52,7 +52,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 IDLE_MIN, IDLE_MAX = 0.01, 0.5  # polling an empty queue, doubling up to the max
 ONCE_IDLE_MAX = 0.1
 ERROR_CHARS = 160  # of an error message in the log
-RETRYABLE = (RedisError, OSError, SinkUnavailable)
+RETRYABLE = (RedisError, RedisClusterException, OSError, SinkUnavailable)
 
 T = TypeVar("T")
 
@@ -65,7 +65,7 @@ class Consumer:
     """One consumer process: the pipeline, its lease and its counters."""
 
     def __init__(self, cfg: config.Config, sink: Sink, consumer_id: str, *, once: bool = False,
-                 live: bool = False) -> None:
+                 live: bool = False, shards: list[int] | None = None) -> None:
         self.cfg = cfg
         self.sink = sink
         self.id = consumer_id
@@ -74,12 +74,16 @@ class Consumer:
         self.counters = Counters()
         self.progress = Progress(self.counters, self._depth, lambda: len(self.holding), live=live,
                                  every=cfg.consumer.stats_interval, sink_on_stdout=sink.to_stdout)
-        url = cfg.redis_connect_url
-        self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=cfg.redis.timeout, socket_connect_timeout=cfg.redis.timeout,
-            retry=Retry(NoBackoff(), 0))  # one try: the loops below back off themselves
-        self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
-                                cfg.consumer.lease)
+        # one try: the loops below back off themselves (sentinel mode: each reconnect asks
+        # the sentinels for the primary, so a failover is followed)
+        self.client = topology.client(cfg, cfg.redis_connect_url, retry=Retry(NoBackoff(), 0))
+        self.queue: BatchQueue | ShardedQueue
+        if cfg.redis.mode == config.CLUSTER:  # every shard, or those pinned (`shards`), shared by lease
+            self.queue = ShardedQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
+                                      cfg.consumer.lease, cfg.redis.shards, shards)
+        else:
+            self.queue = BatchQueue(self.client, cfg.redis.queue, cfg.consumer.dead_letter, consumer_id,
+                                    cfg.consumer.lease)
         # batches in hand: popped, not yet acknowledged
         self.fetched: asyncio.Queue[tuple[Batch, Rows] | None] = asyncio.Queue(cfg.consumer.concurrency)
         self.holding: dict[str, Batch] = {}
@@ -155,7 +159,7 @@ class Consumer:
             await self.sink.close()
         except RETRYABLE as exc:
             log.warning("closing the sink failed", extra={"error": brief(exc)})
-        await self.client.aclose()
+        await topology.aclose(self.client)
         return len(left)
 
     # --- pipeline

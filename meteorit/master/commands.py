@@ -89,11 +89,21 @@ class Commands:
 
     def cmd_status(self, conn: Connection, request: dict[str, Any]) -> None:
         def reply(replies: dict[int, bytes], missing: list[int]) -> Reply:
-            requests = {pid: sum(msgpack.unpackb(data)["requests"].values()) for pid, data in replies.items()}
+            snaps = {pid: msgpack.unpackb(data) for pid, data in replies.items()}
             rows = self.slots.rows()
             for row in rows:
-                row["requests"] = requests.get(row["pid"])
-            return {"ok": True, "master": self.owner.snapshot(), "workers": rows, "missing_workers": missing}
+                snap = snaps.get(row["pid"])
+                row["requests"] = sum(snap["requests"].values()) if snap else None
+                if snap and snap.get("redis_topology", {}).get("unreachable"):
+                    row["unreachable_shards"] = snap["redis_topology"]["unreachable"]
+            # The topology as the workers see it: the first answer, with every shard any
+            # worker could not reach (they learn of a failover each on its own).
+            redis = next((s["redis_topology"] for s in snaps.values() if "redis_topology" in s), None)
+            if redis is not None:
+                redis["unreachable"] = sorted({shard for s in snaps.values()
+                                               for shard in s.get("redis_topology", {}).get("unreachable", [])})
+            return {"ok": True, "master": self.owner.snapshot(), "workers": rows, "missing_workers": missing,
+                    "redis": redis}
         self._gather(conn, STATS_ALERT, b"", STATS_TIMEOUT, None, reply)
 
     def cmd_stats(self, conn: Connection, request: dict[str, Any]) -> None:

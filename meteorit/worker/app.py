@@ -141,9 +141,10 @@ class EventsApp:
             return self.reply(exchange, start, 200, b"ok\n", b"", TEXT_TYPE)
         if path == b"/readyz":
             refusal = self.writer.refusal  # Redis or the spool can take events, else shedding
+            note = self.writer.readiness_note()  # cluster mode: the shards, and which are unreachable
             if refusal is not None:
-                return self.reply(exchange, start, 503, refusal.encode() + b"\n", RETRY_AFTER, TEXT_TYPE)
-            return self.reply(exchange, start, 200, b"ok\n", b"", TEXT_TYPE)
+                return self.reply(exchange, start, 503, f"{refusal}{note}\n".encode(), RETRY_AFTER, TEXT_TYPE)
+            return self.reply(exchange, start, 200, f"ok{note}\n".encode(), b"", TEXT_TYPE)
         if path == b"/metrics" or path == b"/v1/stats":
             return self.get_stats(exchange, start, prometheus=path == b"/metrics")
         return self.reply(exchange, start, 404, error_body("not found"))

@@ -38,7 +38,7 @@ from ..bus.ipc import Bus, Pipes
 from .ratelimit import REBALANCE
 from .response import Clock
 from .spool import Spool
-from .writer import RedisWriter
+from .writer import RedisWriter, open_writer
 
 log = logging.getLogger("meteorit.worker")
 
@@ -131,10 +131,7 @@ class Worker:
         cfg = self.config
         spool = Spool(cfg.spool.dir, cfg.spool.fsync, cfg.spool.max_bytes)
         spool.open()  # after the privilege drop: the file belongs to the worker's user
-        self.writer = RedisWriter(self.redis_url, cfg.redis.queue, cfg.redis.timeout,
-                                  cfg.redis.batch_max_events, cfg.redis.batch_max_bytes,
-                                  cfg.redis.max_pending_bytes, spool, cfg.spool.redis_deadline,
-                                  cfg.redis.max_queue_length)
+        self.writer = open_writer(cfg, self.redis_url, spool)
         self.app = EventsApp(cfg, self.writer, self._collect_stats)
         self.state = state = ServerState(self.app, cfg.limits, self.app.kept_headers)
         for sock in self.sockets:
@@ -252,7 +249,7 @@ class Worker:
         self.state.kept_headers = self.app.kept_headers  # events.context may need more headers now
         self._share_rates()
         vars(self.state.limits).update(vars(new.limits))  # every connection reads this object
-        self.writer.queue = new.redis.queue.encode()
+        self.writer.apply(new.redis.queue, new.redis.wait_replicas)
         logging.getLogger().setLevel(new.log.level.upper())
         self.config = new
         log.info("config applied", extra={"config_version": new.version})
@@ -277,7 +274,9 @@ class Worker:
             "redis_writes": self.writer.writes, "redis_write_errors": self.writer.write_errors,
             "events_spooled": self.writer.events_spooled, "events_replayed": self.writer.events_replayed,
             "redis": self.writer.redis_state, "queue_length": self.writer.queue_length,
-            "spool_bytes": self.writer.spool_bytes})
+            "spool_bytes": self.writer.spool_bytes,
+            "redis_waits_short": self.writer.waits_short, "redis_shards": self.writer.shard_counters(),
+            "redis_topology": self.writer.topology()})
 
     async def _collect_stats(self) -> metrics.Snapshot:
         """Every worker's counters over the bus, then the master's, with the last known

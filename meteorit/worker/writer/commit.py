@@ -1,8 +1,10 @@
 """The Redis writer of a worker: group commit of events into the queue list, and the
-spool for when Redis cannot take them.
+spool for when Redis cannot take them. The writer of single and sentinel modes; cluster
+mode's (shards.py) is built on it.
 
-Owns: the worker's only Redis connection, and the decision where a request's events go:
-Redis, or the worker's spool (meteorit/worker/spool/), and the replay of spools into Redis.
+Owns: the worker's only Redis connection (to `redis.url`, or to the primary the sentinels
+name: a SentinelConnectionPool asks them again on every reconnect), and the decision where
+a request's events go: Redis, or the worker's spool (meteorit/worker/spool/).
 Requests hand it their records with a callback; while one RPUSH is in flight the next
 requests wait, and the next RPUSH carries all of them (bounded by `batch_max_events` and
 `batch_max_bytes`, and always whole requests, so a request is in Redis whole or not at
@@ -24,13 +26,13 @@ States:
   every request meanwhile, go to the spool and are answered from there;
 - `queue_full` is True while the queue holds more than `max_queue_length` events, as the
   RPUSH replies (the new length, for free) and a once-a-second LLEN tell: then 503, so a
-  stopped consumer cannot make Redis run out of memory.
+  stopped consumer cannot make Redis run out of memory;
+- `replicas_short` (`redis.wait_replicas` N > 0: each RPUSH goes out with a `WAIT N
+  timeout` on the same connection) is True from a WAIT that counted fewer than N, whose
+  events then went to the spool too (duplicates, never losses), until a WAIT is met
+  again: replays wait meanwhile (each tick asks with a short WAIT when no write does).
 Without a spool (unit tests), an unreachable Redis or `max_pending_bytes` waiting is a 503.
-
-Replay: on the worker's tick, while Redis can take events, our own spool and then any
-orphan (the spool of a process that is gone, found by its lock) are pushed in order in
-chunks; the spool's cursor moves after each acknowledged chunk, then the file is cut back
-(ours) or removed (an orphan).
+Replaying spools: replay.py; what WAIT answers mean, and the replica probe: replicas.py.
 """
 
 from __future__ import annotations
@@ -44,19 +46,22 @@ from typing import Any, Callable, Coroutine
 import hiredis
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import WriterUnavailable
-from ..metrics import BATCH_BUCKETS, Histogram
-from .spool import Spool, SpoolFile
+from ...errors import WriterUnavailable
+from ...metrics import BATCH_BUCKETS, Histogram
+from ..spool import Spool
+from .replay import replay_spools
+from .replicas import ReplicaWait
+from .wire import TRANSPORT_ERRORS, pack_rpush, read_replies
 
 log = logging.getLogger("meteorit.writer")
 
 PROBE_INTERVAL = 0.5  # seconds between probes while Redis is unreachable
 HEARTBEAT = 1.0  # an idle connection sends LLEN this often: /readyz notices a dead Redis, the queue length stays known
 SPOOL_FLUSH_GRACE = 5.0  # seconds a stopping writer waits for the spool's last writes
-TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+WAIT_MARGIN = 1.0  # seconds the WAIT reply may take beyond WAIT's own timeout (the socket's is the same)
 
 Done = Callable[[Exception | None, bool], None]  # (error, spooled)
 Request = tuple[list[bytes], int, Done]  # records, bytes, callback
@@ -74,12 +79,19 @@ class _Batch:
         self.handed_over = False
 
 
-class RedisWriter:
+class RedisWriter(ReplicaWait):
     def __init__(self, url: str, queue: str, timeout: float, batch_max_events: int,
                  batch_max_bytes: int, max_pending_bytes: int, spool: Spool | None = None,
-                 deadline: float = 2.0, max_queue_length: int = 0) -> None:
-        self.pool = ConnectionPool.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self.conn = self.pool.make_connection()
+                 deadline: float = 2.0, max_queue_length: int = 0, wait_replicas: int = 0,
+                 pool: ConnectionPool | None = None, mode: str = "single") -> None:
+        if pool is None and url:
+            pool = ConnectionPool.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.pool = pool  # None in cluster mode: the cluster client holds the connections
+        self.conn = pool.make_connection() if pool is not None else None
+        self.mode = mode
+        self.timeout = timeout
+        self.wait_replicas = wait_replicas
+        self.replicas_short = False  # the last WAIT fell short: replays wait for one that does not
         self.queue = queue.encode()
         self.batch_max_events = batch_max_events
         self.batch_max_bytes = batch_max_bytes
@@ -107,6 +119,7 @@ class RedisWriter:
         self.write_errors = 0
         self.events_written = 0
         self.events_replayed = 0
+        self.waits_short = 0
         self.batch_sizes = Histogram(BATCH_BUCKETS)  # events per acknowledged RPUSH, for /metrics
 
     async def start(self) -> None:
@@ -223,12 +236,21 @@ class RedisWriter:
         finally:
             stop()
 
+    def apply(self, queue: str, wait_replicas: int) -> None:
+        """A reload's hot settings: the queue's name, the replicas a write waits for."""
+        self.queue = queue.encode()
+        self.wait_replicas = wait_replicas
+
     async def close(self) -> None:
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
-        await self.conn.disconnect()
-        await self.pool.disconnect()
+        if self.conn is not None and self.pool is not None:
+            await self.conn.disconnect()
+            await self.pool.disconnect()
+            sentinels = getattr(self.pool, "sentinel_manager", None)
+            if sentinels is not None:  # sentinel mode: the connections that asked for the primary
+                await sentinels.aclose()
         if self.spool is not None:
             await self.spool.close()
 
@@ -310,8 +332,13 @@ class RedisWriter:
         return error
 
     async def _push(self, values: list[bytes]) -> Exception | None:
+        packed = pack_rpush(self.queue, values)
         try:
-            length = await self._command(pack_rpush(self.queue, values))
+            if self.wait_replicas:  # read once: a reload may change it while this write waits
+                wanted = self.wait_replicas
+                length, replicas = await self._command(packed + self.pack_wait(wanted), 2)
+            else:
+                length = await self._command(packed)
         except TRANSPORT_ERRORS as exc:
             self.write_errors += 1
             self._went_down(exc)
@@ -321,6 +348,8 @@ class RedisWriter:
             log.error("redis refused a write of %d events: %s", len(values), exc)
             return exc
         self._saw_queue_length(length)
+        if self.wait_replicas:
+            return self._saw_replicas(replicas, wanted)
         return None
 
     def _saw_queue_length(self, length: object) -> None:
@@ -340,19 +369,28 @@ class RedisWriter:
 
     # --- the connection
 
-    async def _command(self, packed: bytes) -> object:
-        """One packed command and its reply; one retry when the connection broke.
-        Timeouts are not retried, so a slow Redis costs one timeout, not several."""
+    async def _command(self, packed: bytes, replies: int = 1) -> Any:
+        """One packed command and its reply (or `replies` pipelined commands and their
+        replies, a list); one retry when the connection broke. Timeouts are not retried,
+        so a slow Redis costs one timeout, not several."""
         async with self._lock:
-            reply = await self._exchange(packed)
+            reply = await self._exchange(packed, replies)
         self._last_ok = time.monotonic()
         return reply
 
-    async def _exchange(self, packed: bytes) -> object:
+    async def _exchange(self, packed: bytes, replies: int = 1) -> Any:
         for attempt in (1, 2):
             try:
+                if not self.conn.is_connected:  # connect(): sentinel mode asks for the primary there
+                    await self.conn.connect()
                 await self.conn.send_packed_command(packed, check_health=False)
-                return await self.conn.read_response()
+                if replies == 1:
+                    return await self.conn.read_response()
+                answers = await read_replies(self.conn, replies, self.timeout + WAIT_MARGIN)
+                for answer in answers:  # every reply read: the connection stays in step
+                    if isinstance(answer, ResponseError):
+                        raise answer
+                return answers
             except RedisConnectionError:
                 await self.conn.disconnect()
                 if attempt == 2:
@@ -405,63 +443,40 @@ class RedisWriter:
     def check_spools(self) -> None:
         """Start replaying our spool, then orphans, if Redis can take events (the
         worker's tick calls this once a second, and so does Redis coming back)."""
+        if self.replicas_short and self.ready and not self.flushing and not self.replaying:
+            self.replaying = True  # no traffic may come to tell: ask whether the replicas are back
+            self._spawn(self._probe_replicas())
+            return
         if self.spool is None or self.replaying or not self._can_replay():
             return
         self.replaying = True
         self._spawn(self._replay())
 
     def _can_replay(self) -> bool:
-        return self.ready and not self.slow and not self.queue_full and not self.closed
+        return (self.ready and not self.slow and not self.queue_full and not self.closed
+                and not self.replicas_short)
+
+    def topology(self) -> dict[str, Any]:
+        """Where events go, for /readyz, /metrics and `meteoritctl status`: the Redis node
+        this worker writes to and whether it answers."""
+        host = getattr(self.conn, "host", None)
+        node = f"{host}:{getattr(self.conn, 'port', '')}" if host else getattr(self.conn, "path", "") or ""
+        return {"mode": self.mode, "nodes": {node: {"shards": [0], "reachable": self.ready}},
+                "shards": 1, "unreachable": [] if self.ready else [0]}
+
+    def shard_counters(self) -> dict[str, dict[str, int]]:
+        """Writes and errors per shard (cluster mode; one queue here: none)."""
+        return {}
+
+    def readiness_note(self) -> str:
+        """What /readyz adds to its answer about the topology: nothing for one queue."""
+        return ""
 
     async def _replay(self) -> None:
-        spool = self.spool
-        assert spool is not None and spool.file is not None
         try:
-            if spool.backlog > 0 and not await self._replay_file(spool.file):
-                return
-            while self._can_replay():
-                orphan = await spool.adopt_orphan()
-                if orphan is None:
-                    return
-                if not await self._replay_orphan(orphan):
-                    return
-        except OSError as exc:
-            log.error("spool replay failed: %s", exc)
-        except Exception:
-            log.exception("spool replay failed")
+            await replay_spools(self)
         finally:
             self.replaying = False
-
-    async def _replay_orphan(self, orphan: SpoolFile) -> bool:
-        """Replay and remove an adopted spool; True once it is gone. Whatever stops it
-        (Redis, an error, a cancel), the file is released: its lock, held on, would keep
-        every worker from adopting it until this one exits."""
-        assert self.spool is not None
-        if orphan.backlog > 0:
-            log.info("replaying the spool of a process that is gone",
-                     extra={"spool": orphan.name, "bytes": orphan.backlog})
-        try:
-            if not await self._replay_file(orphan):
-                return False  # kept for a later try, by us or another worker
-            await self.spool.remove(orphan)  # closes it even when the unlink fails
-            return True
-        finally:
-            if orphan.fd >= 0:
-                await self.spool.release(orphan)
-
-    async def _replay_file(self, spool_file: SpoolFile) -> bool:
-        """Push `spool_file` into Redis from its cursor, chunk by chunk; True once it is all in."""
-        assert self.spool is not None
-        while self._can_replay():
-            chunk = await self.spool.read(spool_file, self.batch_max_events, self.batch_max_bytes)
-            if chunk.records:
-                if await self._push(chunk.records) is not None:
-                    return False
-                self.events_replayed += len(chunk.records)
-            elif chunk.end == chunk.start:
-                return True
-            await self.spool.advance(spool_file, chunk)
-        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -478,8 +493,3 @@ def _answer(done: Done, error: Exception | None, spooled: bool) -> None:
         done(error, spooled)
     except Exception:  # one failing callback must not strand the rest of the batch
         log.exception("answering a request failed")
-
-
-def pack_rpush(queue: bytes, values: list[bytes]) -> bytes:
-    """The wire bytes of one group-commit RPUSH, packed in C."""
-    return hiredis.pack_command((b"RPUSH", queue, *values))
