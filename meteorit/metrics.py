@@ -242,7 +242,7 @@ def prometheus(doc: Snapshot) -> str:
 
 def _shards(doc: Snapshot, rows: list[tuple[str, Snapshot]], family: Any, sample: Any) -> None:
     """Cluster mode: writes and errors per shard, and whether each shard's primary answers
-    (per worker, and without the label: 1 when every worker that answered reaches it)."""
+    (per live worker, as every series: `min by (shard)` tells whether all workers reach it)."""
     if not doc["total"].get("redis_shards"):
         return
     for key, name, help_text in (("writes", "meteorit_redis_shard_writes_total", "Group commits a shard took."),
@@ -253,15 +253,13 @@ def _shards(doc: Snapshot, rows: list[tuple[str, Snapshot]], family: Any, sample
             for shard, counts in sorted(snap.get("redis_shards", {}).items(), key=lambda kv: int(kv[0])):
                 sample(name, {"shard": shard, "worker": worker}, counts[key])
     family("meteorit_redis_shard_reachable", "gauge", "1 while the shard's primary (the node label) answers.")
-    seen: dict[tuple[str, str], int] = {}
-    for worker, snap in rows[1:]:
+    for worker, snap in rows:
+        if worker == EXITED:  # an exited worker reaches nothing now
+            continue
         for node, entry in snap.get("redis_topology", {}).get("nodes", {}).items():
             for shard in entry["shards"]:
-                up = int(entry["reachable"])
-                sample("meteorit_redis_shard_reachable", {"shard": str(shard), "node": node, "worker": worker}, up)
-                seen[(str(shard), node)] = min(seen.get((str(shard), node), 1), up)
-    for (shard, node), up in sorted(seen.items(), key=lambda kv: int(kv[0][0])):
-        sample("meteorit_redis_shard_reachable", {"shard": shard, "node": node}, up)
+                sample("meteorit_redis_shard_reachable", {"shard": str(shard), "node": node, "worker": worker},
+                       int(entry["reachable"]))
 
 
 def _histogram(name: str, worker: str, hist: Snapshot, sample: Any) -> None:

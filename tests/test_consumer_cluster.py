@@ -110,9 +110,12 @@ def test_events_through_meteorit_arrive_once_through_two_consumers(
         assert m.post(batch)[0] == 202
         sent.update(e["id"] for e in batch)
     metrics = m.request("GET", "/metrics")[2].decode().splitlines()
-    writes = [float(line.rsplit(" ", 1)[1]) for line in metrics
-              if line.startswith("meteorit_redis_shard_writes_total{") and "worker=" not in line]
-    assert len(writes) == SHARDS and all(writes)  # every shard used
+    writes: dict[str, float] = {}  # per shard, summed over the workers
+    for line in metrics:
+        if line.startswith("meteorit_redis_shard_writes_total{"):
+            label = line.split('shard="')[1].split('"')[0]
+            writes[label] = writes.get(label, 0) + float(line.rsplit(" ", 1)[1])
+    assert len(writes) == SHARDS and all(writes.values())  # every shard used
     wait_until(lambda: len(stored(tmp_path)) >= len(sent), 60, "every event stored")
     assert sorted(stored(tmp_path)) == sorted(sent)  # exactly once
     m.stop()
