@@ -275,9 +275,9 @@ class ShardedQueue:
                 break
             if shard in self.owned:
                 continue
+            self.touched.add(shard)  # before: a claim whose reply is lost (a stop) is still given back
             if await self._claim(self.client, [self.owner_key(shard)], [self.id, self.lease_ms]):
                 self.owned.append(shard)
-                self.touched.add(shard)
                 taken += 1
                 records += await self._take_over_batches(shard)
         if sorted(self.owned) != before:
