@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from ..config import check_table
-from .rows import WIDTH, Rows
+from .rows import Rows
 from .sink import SinkUnavailable, Written, refused
 
 log = logging.getLogger("meteorit.sinks")
@@ -33,13 +33,11 @@ PG_TIMEOUT_MARGIN = 1.0  # the client's timeout over statement_timeout: the serv
 PG_CLOSE_TIMEOUT = 5.0  # then the connections are dropped
 
 
-def pg_tuples(columns: list[Any]) -> list[tuple[Any, ...]]:
-    """Flat columns as row tuples for COPY; `ts` goes in a text column, so numbers become text."""
-    rows = list(zip(*[iter(columns)] * WIDTH))
-    if any(ts is not None and type(ts) is not str for ts in columns[2::WIDTH]):
-        rows = [(i, t, ts if ts is None or type(ts) is str else orjson.dumps(ts).decode(), r, e)
-                for i, t, ts, r, e in rows]
-    return rows
+def pg_tuples(rows: Rows) -> list[tuple[Any, ...]]:
+    """Row tuples for COPY; `ts` goes in a text column, so numbers become their JSON text."""
+    dumps = orjson.dumps
+    ts = [t if t is None or type(t) is str else str(t) if type(t) is int else dumps(t).decode() for t in rows.ts]
+    return list(zip(rows.ids, rows.types, ts, rows.received_at, rows.events))
 
 
 class PostgresSink:
@@ -103,7 +101,7 @@ class PostgresSink:
     async def write(self, rows: Rows) -> Written:
         import asyncpg
         await self.open()
-        tuples = pg_tuples(rows.columns)
+        tuples = pg_tuples(rows)
         row_errors = self._row_errors()
         try:
             async with self.pool.acquire() as conn:
