@@ -113,7 +113,7 @@ def decode(records: list[bytes]) -> Rows:
         return _decode_one_by_one(records)
     received_at = list(map(_received_at, decoded))
     return Rows(list(map(_ids, decoded)), list(map(_types, decoded)), list(map(_ts, decoded)), received_at,
-                events, list(records), [], max(received_at, default=0))
+                events, list(records), [], max(0, max(received_at, default=0)))
 
 
 def _decode_one_by_one(records: list[bytes]) -> Rows:
