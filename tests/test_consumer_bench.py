@@ -27,4 +27,4 @@ def test_the_bench_checks_and_reports_the_consumer_against_its_floor_with_random
     assert len(table) == 2
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert cells[1] == "1" and re.fullmatch(r"[0-9.]+x", cells[6]) and cells[-1] == "yes", line
+        assert cells[1] == "1" and re.fullmatch(r"[0-9.]+x", cells[7]) and cells[-1] == "yes", line
