@@ -399,8 +399,7 @@ def refusable_rows() -> tuple[rowslib.Rows, bytes, bytes]:
     wide_id = base64.b64encode(random.Random(7).randbytes(3000)).decode()
     wide = crafted(wide_id)
     for record, values in ((late, ("late", "t", None, 2**63)), (wide, (wide_id, "t", None, RECEIVED))):
-        rows.columns += (*values, record.decode())
-        rows.records.append(record)
+        rows.add(*values, record)
     return rows, late, wide
 
 
