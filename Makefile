@@ -8,12 +8,12 @@ SYSTEM_PACKAGES := redis-server wrk tmux npm  # each package installs a command 
 # written by npm ci: the Node SDK tests/test_segment_sdks.py drives is installed
 NODE_SDK := tests/node/node_modules/.package-lock.json
 
-.PHONY: run test bench package system-deps
+.PHONY: run test bench package system-deps test-deps
 
 run: $(VENV)/.installed system-deps
 	$(VENV)/bin/meteorit -c conf/meteorit.toml
 
-test: $(VENV)/.installed system-deps $(NODE_SDK)
+test: $(VENV)/.installed system-deps test-deps $(NODE_SDK)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed system-deps
@@ -23,7 +23,7 @@ package:  # dist/: sdist, wheel and meteorit_VERSION-1_ARCH.deb (see bin/meteori
 	bin/meteorit-package
 
 # the Segment Node SDK tests/test_segment_sdks.py drives, as locked in tests/node/package-lock.json
-$(NODE_SDK): tests/node/package-lock.json | system-deps
+$(NODE_SDK): tests/node/package-lock.json | test-deps
 	cd tests/node && npm ci --no-audit --no-fund
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -31,6 +31,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+test-deps:  # what only the tests need: PostgreSQL, Chromium, systemd-analyze, node, tmux (tests/system-deps)
+	tests/system-deps
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
