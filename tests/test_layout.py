@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "meteorit"
-MAX_LINES = 520  # "about 400"; a module past this is due for a split by concern
+MAX_LINES = 500  # "about 400"; a module past this is due for a split by concern
 
 
 def module_name(path: Path) -> str:

@@ -44,6 +44,7 @@ import msgpack
 
 from ..errors import IpcError
 from .pipes import MASTER_SLOT, Pipes
+from .waiters import Waiter, resolver
 from .wire import (HEADER_SIZE, PAYLOAD, PIPE_BUF, Alert, Reassembler, check_size, crc32, cut_body,
                    frame, name_prefix, whole_packet)
 
@@ -62,49 +63,6 @@ Watch = Callable[[int, int, bool], None]  # (fd, slot, want writable events)
 # The alert whose handler runs (its sender pid and slot, its id); a context variable, so
 # it holds across awaits in a coroutine handler and never leaks into other tasks.
 _current: contextvars.ContextVar[Alert | None] = contextvars.ContextVar("ipc_current", default=None)
-
-
-class _Waiter:
-    """Replies awaited by request(), gather() or, in the master, expect()."""
-
-    def __init__(self, expected: set[int],
-                 on_complete: Callable[[dict[int, bytes]], None] | None = None) -> None:
-        self.expected = expected
-        self.on_complete = on_complete
-        self.replies: dict[int, bytes] = {}
-        self.left: set[int] = set()  # expected, but left the bus before replying
-        self._check()  # nobody to wait for: done at once
-
-    @property
-    def complete(self) -> bool:
-        return self.expected <= self.replies.keys()
-
-    @property
-    def missing(self) -> list[int]:
-        return sorted((self.expected - self.replies.keys()) | self.left)
-
-    def add(self, pid: int, data: bytes) -> None:
-        if pid in self.expected and pid not in self.replies:
-            self.replies[pid] = data
-            self._check()
-
-    def forget(self, pid: int) -> None:
-        if pid in self.expected and pid not in self.replies:
-            self.left.add(pid)
-        self.expected.discard(pid)
-        self._check()
-
-    def _check(self) -> None:
-        if self.on_complete is not None and self.complete:
-            done, self.on_complete = self.on_complete, None
-            done(self.replies)
-
-
-def _resolver(future: asyncio.Future[dict[int, bytes]]) -> Callable[[dict[int, bytes]], None]:
-    def resolve(replies: dict[int, bytes]) -> None:
-        if not future.done():
-            future.set_result(replies)
-    return resolve
 
 
 class Bus:
@@ -127,7 +85,7 @@ class Bus:
         self.worker_table: list[tuple[int, int]] = []  # (slot, pid) of every worker, by slot
         self.queues: dict[int, deque[bytes | bytearray]] = {s: deque() for s in pipes.fds}
         self.queued: dict[int, int] = {s: 0 for s in pipes.fds}
-        self.waiters: dict[int, _Waiter] = {}
+        self.waiters: dict[int, Waiter] = {}
         self._next_id = 0
         self._prefixes: dict[str, tuple[bytes, int]] = {}  # name -> (body prefix, its CRC)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -414,7 +372,7 @@ class Bus:
     async def request(self, pid: int, name: str, data: Data = b"", timeout: float = 1.0) -> bytes:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
         alert_id = self.send(pid, name, data)
-        self.waiters[alert_id] = _Waiter({pid}, _resolver(future))
+        self.waiters[alert_id] = Waiter({pid}, resolver(future))
         try:
             replies = await asyncio.wait_for(future, timeout)
         finally:
@@ -427,7 +385,7 @@ class Bus:
         future: asyncio.Future[dict[int, bytes]] = asyncio.get_running_loop().create_future()
         expected = set(self.worker_pids)
         alert_id = self.broadcast(name, data)
-        waiter = self.waiters[alert_id] = _Waiter(expected, _resolver(future))
+        waiter = self.waiters[alert_id] = Waiter(expected, resolver(future))
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
@@ -436,11 +394,11 @@ class Bus:
             self.waiters.pop(alert_id, None)
         return dict(waiter.replies)
 
-    def expect(self, alert_id: int, pids: set[int]) -> _Waiter:
+    def expect(self, alert_id: int, pids: set[int]) -> Waiter:
         """For hosts without asyncio (the master): collect the replies to `alert_id` from
         `pids`; poll `complete`, read `replies` and `missing`, and `forget_waiter` when done.
         A pid that leaves the table stops being waited for."""
-        waiter = self.waiters[alert_id] = _Waiter(set(pids) & set(self.slot_of))
+        waiter = self.waiters[alert_id] = Waiter(set(pids) & set(self.slot_of))
         return waiter
 
     def forget_waiter(self, alert_id: int) -> None:

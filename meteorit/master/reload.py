@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from .. import config as configlib
-from ..bus import ipc
+from ..bus.waiters import Waiter
 from ..bus.ipc import Bus
 from ..config import Config
 from ..errors import ConfigError, IpcError, MeteoritError
@@ -54,7 +54,7 @@ class ReloadState:
     waiting: list[Respond] = field(default_factory=list)
     previous_redis_url: str = ""
     previous_count: int = 0
-    hot_waiter: ipc._Waiter | None = None
+    hot_waiter: Waiter | None = None
     hot_alert: int = 0
     hot_deadline: float = 0.0
 

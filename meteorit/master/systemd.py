@@ -35,7 +35,8 @@ import msgpack
 from ..errors import MeteoritError
 
 if TYPE_CHECKING:
-    from ..bus.ipc import Bus, _Waiter
+    from ..bus.ipc import Bus
+    from ..bus.waiters import Waiter
 
 log = logging.getLogger("meteorit.systemd")
 
@@ -220,7 +221,7 @@ class Heartbeat:
         self.alert = alert  # the worker alert that replies with counters (msgpack)
         self.period = min(STATUS_PERIOD, watchdog / BEATS_PER_WATCHDOG) if watchdog else STATUS_PERIOD
         self.next_beat = 0.0
-        self.asked: tuple[int, _Waiter | None] | None = None  # alert id and its replies; None: not sent
+        self.asked: tuple[int, Waiter | None] | None = None  # alert id and its replies; None: not sent
         self.last: tuple[dict[int, tuple[int, int]], float] | None = None  # counters per pid, when
 
     def timeout(self, now: float) -> float:

@@ -197,15 +197,8 @@ class RedisWriter(ReplicaWait):
             self.pending_bytes -= request[1]
             requests.append(request)
         for records, _, done in requests:
-            self._to_spool(records, done)
+            _to_spool(self.spool, records, done)
         return sum(len(records) for records, _, _ in requests)
-
-    def _to_spool(self, records: list[bytes], done: Done) -> None:
-        assert self.spool is not None
-        try:
-            self.spool.submit(records, _answer_from_spool(done))
-        except WriterUnavailable as exc:
-            _answer(done, exc, False)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new events and wait until everything submitted is written; at the
@@ -299,7 +292,7 @@ class RedisWriter(ReplicaWait):
                     continue
                 if error is not None and self.spool is not None:
                     for records, _, done in batch.requests:
-                        self._to_spool(records, done)
+                        _to_spool(self.spool, records, done)
                 else:
                     for _, _, done in batch.requests:
                         _answer(done, error, False)
@@ -482,6 +475,14 @@ class RedisWriter(ReplicaWait):
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _to_spool(spool: Spool | None, records: list[bytes], done: Done) -> None:
+    assert spool is not None
+    try:
+        spool.submit(records, _answer_from_spool(done))
+    except WriterUnavailable as exc:
+        _answer(done, exc, False)
 
 
 def _answer_from_spool(done: Done) -> Callable[[Exception | None], None]:
