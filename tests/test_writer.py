@@ -378,3 +378,26 @@ def test_wait_replicas_short_spools_too_and_a_replica_that_comes_lets_the_replay
     first = [b"r%d-e%d" % (r, e) for r in range(3) for e in range(2)]
     assert sorted(values[:6]) == sorted(first) and values[-1] == b"met0-e0"
     assert all(values[6:-1].count(v) >= 1 for v in first) and set(values[6:-1]) == set(first)
+
+
+def test_a_wait_whose_replies_do_not_come_in_time_drops_the_connection(
+        redis_server: RedisServer, redis: redislib.Redis) -> None:
+    """RPUSH + WAIT with Redis holding writes past the exchange's limit: the request gets an
+    error and the connection is closed, so the late replies cannot answer the next write
+    (redis-py answers a read timeout it was given with None and keeps the connection: the
+    writer then read every reply one command late)."""
+    async def scenario() -> None:
+        writer = make_writer(redis_server.url, wait_replicas=1, timeout=0.3)  # no replica: WAIT says 0
+        await writer.start()
+        redis.execute_command("CLIENT", "PAUSE", 2500, "WRITE")
+        paused_until = time.monotonic() + 2.5
+        [(error, spooled)] = await answered(submit_answers(writer, 1, 1, "held"))
+        assert error is not None and not spooled
+        assert time.monotonic() < paused_until  # given up on at the limit, not when Redis woke
+        await asyncio.sleep(paused_until - time.monotonic() + 0.5)  # Redis runs what it held
+        await wait_for(lambda: writer.ready, 5)
+        await answered(submit_answers(writer, 1, 1, "after"))  # WAIT falls short: an error too
+        assert writer.queue_length == redis.llen(QUEUE)  # the RPUSH reply read is this write's own
+        await writer.close()
+
+    asyncio.run(scenario())

@@ -33,6 +33,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError,
                               TryAgainError)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...topology import shard_key
 from .commit import HEARTBEAT, WAIT_MARGIN, RedisWriter
@@ -165,11 +166,14 @@ class ClusterWriter(RedisWriter):
         failed is closed, so a late reply never answers another command."""
         conn = node.acquire_connection()
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            answers = await read_replies(conn, replies, self.timeout + WAIT_MARGIN)
-        except BaseException:
+            async with asyncio.timeout(self.timeout + WAIT_MARGIN):
+                await conn.send_packed_command(packed, check_health=False)
+                answers = await read_replies(conn, replies)
+        except BaseException as exc:
             await conn.disconnect()
             node.release(conn)
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no reply from {node.name} within {self.timeout + WAIT_MARGIN:g}s") from None
             raise
         node.release(conn)
         return answers

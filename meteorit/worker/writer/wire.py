@@ -7,6 +7,7 @@ commands with every reply consumed. Must not touch: connections' life cycle or s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import hiredis
@@ -23,13 +24,16 @@ def pack_wait(replicas: int, timeout: float) -> bytes:
     return hiredis.pack_command((b"WAIT", replicas, max(1, int(timeout * 1000))))
 
 
-async def read_replies(conn: Any, count: int, timeout: float) -> list[Any]:
+async def read_replies(conn: Any, count: int) -> list[Any]:
     """`count` replies of pipelined commands, an error reply as its exception object: every
-    reply is read, so the connection stays in step whatever they say."""
+    reply is read, so the connection stays in step whatever they say. No timeout of its
+    own: the caller bounds the whole exchange (redis-py answers a read timeout it was given
+    with None, not an error, and leaves the late reply on the connection for the next
+    command to read)."""
     answers: list[Any] = []
     for _ in range(count):
         try:
-            answers.append(await conn.read_response(timeout=timeout))
+            answers.append(await conn.read_response(timeout=math.inf))
         except ResponseError as exc:
             answers.append(exc)
     return answers
