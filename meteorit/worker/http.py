@@ -235,7 +235,10 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("request handling failed")
             exchange.reply(500, error_body("internal error"))
-        if self.pending:
+        # Only the queue's length or a close can newly pause reading here, and a reading
+        # paused may now resume: otherwise leave the transport alone (one call less per request).
+        pending = self.pending
+        if pending and (self.reading_paused or self.closing or len(pending) >= self.limits.max_pipeline):
             self._update_reading()
 
     # --- responses, flow control, closing
@@ -257,7 +260,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.close()
                 return
             self.deadline = monotonic() + self.limits.keepalive_timeout
-        self._update_reading()
+        if self.reading_paused:  # a shorter queue never pauses reading: only a resume to check
+            self._update_reading()
 
     def shutdown(self) -> None:
         """Graceful stop: finish the request in hand and those waiting, then close."""
@@ -407,3 +411,4 @@ class HttpProtocol(asyncio.Protocol):
         self.pending.append(exchange)
         self.state.errors[status] += 1
         exchange.reply(status, error_body(message), extra)
+        self._update_reading()  # stop reading, if responses owed before this one keep it open
