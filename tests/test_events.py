@@ -206,6 +206,14 @@ def test_two_generators_in_the_same_millisecond_give_different_ids() -> None:
     assert {a.new(NOW_MS) for _ in range(1000)}.isdisjoint({b.new(NOW_MS) for _ in range(1000)})
 
 
+@pytest.mark.parametrize("counter", [0, 0xFE, 0xFFFF_FFF0])  # inside a byte, across one, across the wrap
+def test_one_id_at_a_time_is_the_same_sequence_as_a_batch(counter: int) -> None:
+    one, many = IdGenerator(), IdGenerator()
+    many._middle, one._counter, many._counter = one._middle, counter, counter
+    for ms in (NOW_MS, NOW_MS, NOW_MS + 1):
+        assert [one.batch(ms, 1)[0] for _ in range(300)] == many.batch(ms, 300)
+
+
 def test_ids_sort_by_time_across_milliseconds() -> None:
     ids = IdGenerator()
     made = [ids.new(NOW_MS + step) for step in range(0, 5000, 7) for _ in range(3)]
