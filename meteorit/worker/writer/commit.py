@@ -47,14 +47,13 @@ import hiredis
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import WriterUnavailable
 from ...metrics import BATCH_BUCKETS, Histogram
 from ..spool import Spool
 from .replay import replay_spools
 from .replicas import ReplicaWait
-from .wire import TRANSPORT_ERRORS, pack_rpush, read_replies
+from .wire import TRANSPORT_ERRORS, exchange, pack_rpush
 
 log = logging.getLogger("meteorit.writer")
 
@@ -377,30 +376,17 @@ class RedisWriter(ReplicaWait):
 
     async def _exchange(self, packed: bytes, replies: int = 1) -> Any:
         limit = self.timeout if replies == 1 else self.timeout + WAIT_MARGIN
-        conn = self.conn
         for attempt in (1, 2):
             try:
-                async with asyncio.timeout(limit):  # connect, write and every reply
-                    if not conn.is_connected:  # connect(): sentinel mode asks for the primary there
-                        await conn.connect()
-                    await conn.send_packed_command(packed, check_health=False)
-                    if replies == 1:
-                        return await conn.read_response()
-                    answers = await read_replies(conn, replies)
-                for answer in answers:  # every reply read: the connection stays in step
-                    if isinstance(answer, ResponseError):
-                        raise answer
-                return answers
+                answers = await exchange(self.conn, packed, replies, limit, "redis")
             except RedisConnectionError:
-                await conn.disconnect()
                 if attempt == 2:
                     raise
-            except TimeoutError:
-                await conn.disconnect()  # a late reply must not answer the next command
-                raise RedisTimeoutError(f"no reply from redis within {limit:g}s") from None
-            except (RedisTimeoutError, OSError):
-                await conn.disconnect()
-                raise
+                continue
+            for answer in answers:  # every reply was read: the connection stays in step
+                if isinstance(answer, ResponseError):
+                    raise answer
+            return answers[0] if replies == 1 else answers
         raise AssertionError("unreachable")
 
     async def _check_queue(self) -> None:

@@ -33,12 +33,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError,
                               TryAgainError)
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...topology import shard_key
 from .commit import HEARTBEAT, WAIT_MARGIN, RedisWriter
 from .replicas import ReplicasShort
-from .wire import TRANSPORT_ERRORS, pack_rpush, read_replies
+from .wire import TRANSPORT_ERRORS, exchange, pack_rpush
 
 log = logging.getLogger("meteorit.writer")
 
@@ -162,21 +161,12 @@ class ClusterWriter(RedisWriter):
         raise ShardUnreachable(f"shard {shard}: more than {MAX_REDIRECTS} redirects")
 
     async def _exchange_on(self, node: ClusterNode, packed: bytes, replies: int) -> list[Any]:
-        """Pipelined commands and their replies on one connection of `node`; a connection that
-        failed is closed, so a late reply never answers another command."""
+        """Pipelined commands and their replies on one connection of `node`."""
         conn = node.acquire_connection()
         try:
-            async with asyncio.timeout(self.timeout + WAIT_MARGIN):
-                await conn.send_packed_command(packed, check_health=False)
-                answers = await read_replies(conn, replies)
-        except BaseException as exc:
-            await conn.disconnect()
+            return await exchange(conn, packed, replies, self.timeout + WAIT_MARGIN, node.name)
+        finally:
             node.release(conn)
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no reply from {node.name} within {self.timeout + WAIT_MARGIN:g}s") from None
-            raise
-        node.release(conn)
-        return answers
 
     def _primary(self, key: bytes) -> ClusterNode:
         return self.cluster.nodes_manager.get_node_from_slot(key_slot(key))

@@ -1,12 +1,15 @@
 """The bytes the writer sends and how it reads the replies: packed in C by hiredis, read
 on a redis-py connection driven directly.
 
-Owns: packing the group-commit RPUSH and WAIT, and reading the replies of pipelined
-commands with every reply consumed. Must not touch: connections' life cycle or state.
+Owns: packing the group-commit RPUSH and WAIT, and one exchange on a connection: the
+write and every reply within one deadline, and a connection that failed or ran late closed,
+so a late reply never answers the next command. Must not touch: which connection, retries,
+the writers' state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -22,6 +25,24 @@ TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 def pack_wait(replicas: int, timeout: float) -> bytes:
     """WAIT for `replicas` replicas, at most `timeout` seconds (0 would mean for ever)."""
     return hiredis.pack_command((b"WAIT", replicas, max(1, int(timeout * 1000))))
+
+
+async def exchange(conn: Any, packed: bytes, replies: int, limit: float, peer: str) -> list[Any]:
+    """Send `packed` (`replies` pipelined commands) on `conn` and read every reply, an error
+    reply as its exception object; connecting, writing and reading all within `limit`
+    seconds, or RedisTimeoutError."""
+    try:
+        async with asyncio.timeout(limit):
+            if not conn.is_connected:  # connect(): sentinel mode asks for the primary there
+                await conn.connect()
+            await conn.send_packed_command(packed, check_health=False)
+            return await read_replies(conn, replies)
+    except TimeoutError:
+        await conn.disconnect()
+        raise RedisTimeoutError(f"no reply from {peer} within {limit:g}s") from None
+    except BaseException:
+        await conn.disconnect()
+        raise
 
 
 async def read_replies(conn: Any, count: int) -> list[Any]:
