@@ -202,6 +202,14 @@ class EventsApp:
                 raise EventError(403, "this public key may not be used from this origin (http.cors_origins)")
         return index
 
+    def records(self, exchange: Exchange, headers: dict[bytes, bytes],
+                batch: list[dict]) -> tuple[list[bytes], int]:
+        """The queue records of a request's valid events, with its context when configured
+        (`post_events` does the same inline: one call less on the hot path)."""
+        if self.context is not None:
+            attach(batch, self.context.build(exchange.peer_address(), headers))
+        return record.encode(batch, int(time.time() * 1000), self.ids, self.max_event_size)
+
     def inflate(self, body: bytes, header: bytes) -> bytes:
         encoding = compression.encoding_of(header)
         if encoding is None:

@@ -17,14 +17,12 @@ GIF at once: an email client shows no broken image, and `X-Meteorit-Outcome` and
 from __future__ import annotations
 
 import hashlib
-import time
 from importlib import resources
 from typing import TYPE_CHECKING, Callable
 
 from . import query
 from .. import metrics, record
 from ..errors import EventError
-from .context import attach
 from .exchange import Exchange
 from .keys import NO_KEY, QUERY_KEY
 from .response import error_body
@@ -106,10 +104,7 @@ def get_pixel(app: EventsApp, exchange: Exchange, start: float, url: bytes,
         reason = record.invalid_reason(event)
         if reason:
             raise EventError(400, reason, 0)
-        batch = [event]
-        if app.context is not None:
-            attach(batch, app.context.build(exchange.peer_address(), headers))
-        records, size = record.encode(batch, int(time.time() * 1000), app.ids, app.max_event_size)
+        records, size = app.records(exchange, headers, [event])
     except EventError as exc:
         return app.refuse(exchange, start, exc, 1, cors, PIXEL_ANSWER)
     app.submit(exchange, start, key, records, size, cors, PIXEL_ANSWER)

@@ -29,7 +29,6 @@ retry. A request is accepted whole or refused whole.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -37,7 +36,6 @@ import orjson
 from . import events
 from .. import metrics, record
 from ..errors import EventError
-from .context import attach
 from .http import Exchange
 from .keys import NO_KEY
 from .response import RETRY_AFTER
@@ -215,10 +213,7 @@ def post(app: EventsApp, exchange: Exchange, start: float, url: bytes, headers: 
         doc, write_key = parse(body, call, app.segment)
         # the key may be in the body: read only once the body is; the messages' rules after it
         key = app.identify(url, headers, body_key=write_key) if app.auth_on else NO_KEY
-        batch = messages(doc, call, app.segment)
-        if app.context is not None:
-            attach(batch, app.context.build(exchange.peer_address(), headers))
-        records, size = record.encode(batch, int(time.time() * 1000), app.ids, app.max_event_size)
+        records, size = app.records(exchange, headers, messages(doc, call, app.segment))
     except EventError as exc:
         return app.refuse(exchange, start, exc, 1, cors, ANSWER)
     app.submit(exchange, start, key, records, size, cors, ANSWER)
