@@ -418,7 +418,9 @@ def test_queue_length_cap_sheds_load_until_the_consumer_catches_up(service: Call
     status, headers, body = m.request("POST", "/v1/events", json.dumps(batch),
                                       {"Content-Type": "application/json"})
     assert status == 503 and headers["Retry-After"] == "1" and b"max_queue_length" in body
-    assert m.request("GET", "/readyz")[0] == 503
+    # a worker no POST reached learns the length from its once-a-second LLEN
+    wait_until(lambda: all(m.request("GET", "/readyz")[0] == 503 for _ in range(4)), 5,
+               "/readyz 503 on every worker")
     length = chaos_redis.client.llen(QUEUE)
     assert 50 < length <= 50 + 2 * 10  # past the cap by at most one batch per worker
     chaos_redis.client.ltrim(QUEUE, 1, 0)  # the consumer catches up
