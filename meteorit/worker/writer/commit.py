@@ -88,7 +88,7 @@ class RedisWriter(ReplicaWait):
         self.pool = pool  # None in cluster mode: the cluster client holds the connections
         self.conn = pool.make_connection() if pool is not None else None
         if self.conn is not None:
-            # _exchange bounds each exchange itself: with a socket timeout, redis-py runs every
+            # wire.exchange bounds each exchange itself: with a socket timeout, redis-py runs every
             # write in asyncio.wait_for, a new Task per RPUSH (4% of a worker's instructions).
             self.conn.socket_timeout = None
         self.mode = mode
