@@ -62,6 +62,17 @@ def test_a_message_without_message_id_gets_a_uuid7_from_the_record() -> None:
     assert len(ident) == 36 and ident[14] == "7"
 
 
+def test_the_timestamp_is_the_records_ts_too_unless_the_message_has_its_own() -> None:
+    stamp = "2026-05-01T10:00:00.000Z"
+    [sent, own, odd, empty, number] = mapped({"batch": [
+        {**TRACK, "timestamp": stamp}, {**TRACK, "timestamp": stamp, "ts": 5},
+        {**TRACK, "timestamp": {"at": stamp}}, {**TRACK, "timestamp": ""}, {**TRACK, "timestamp": 1.5e12}]})
+    assert (sent["ts"], sent["timestamp"]) == (stamp, stamp)
+    assert own["ts"] == 5
+    assert "ts" not in odd and odd["timestamp"] == {"at": stamp}  # kept as sent, not refused
+    assert "ts" not in empty and number["ts"] == 1.5e12
+
+
 def test_a_null_message_id_is_no_message_id() -> None:
     assert "id" not in mapped({"batch": [{**TRACK, "messageId": None}]})[0]
 
@@ -226,7 +237,7 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20)
 FIELDS = st.sampled_from(["type", "event", "userId", "anonymousId", "messageId", "id", "groupId", "previousId",
-                          "context", "integrations", "ts", "writeKey", "properties"])
+                          "context", "integrations", "ts", "timestamp", "writeKey", "properties"])
 MESSAGES = st.dictionaries(FIELDS, JSON_VALUES | st.sampled_from(list(segment.CALL_TYPES)), max_size=8)
 
 
@@ -248,3 +259,5 @@ def test_any_body_is_refused_with_a_reason_or_becomes_records(batch: list[Any], 
         stored = orjson.loads(raw)
         assert stored["type"] in segment.CALL_TYPES and "writeKey" not in stored
         assert stored["id"] == stored.get("messageId", stored["id"])
+        if "timestamp" in stored and type(stored["timestamp"]) in (int, float, str) and stored["timestamp"] != "":
+            assert "ts" in stored  # the message's own, or its timestamp

@@ -158,7 +158,7 @@ def test_a_single_call_sets_the_type_from_its_path(served: Meteorit, redis: redi
     assert (status, reply) == (200, {"success": True})
     [stored] = queued(redis)
     assert stored == {**message, "type": call, "id": f"{call}-1", "received_at": stored["received_at"],
-                      "context": {"ip": "127.0.0.1"}}
+                      "ts": message["timestamp"], "context": {"ip": "127.0.0.1"}}
 
 
 def test_a_message_without_message_id_gets_a_time_ordered_id(served: Meteorit, redis: redislib.Redis) -> None:

@@ -74,8 +74,8 @@ def queued(redis: redislib.Redis) -> list[dict[str, Any]]:
 
 def as_sent(stored: dict[str, Any]) -> dict[str, Any]:
     """A record without what meteorit added: the message as its SDK sent it."""
-    assert stored["id"] == stored["messageId"]
-    return {k: v for k, v in stored.items() if k not in ("id", "received_at")}
+    assert stored["id"] == stored["messageId"] and stored["ts"] == stored["timestamp"]
+    return {k: v for k, v in stored.items() if k not in ("id", "received_at", "ts")}
 
 
 def consume(m: Meteorit) -> str:
@@ -88,8 +88,9 @@ def consume(m: Meteorit) -> str:
 
 def rows(m: Meteorit) -> list[tuple[str, str, dict[str, Any]]]:
     with sqlite3.connect(m.config.parent / "events.db") as db:
-        return [(ident, kind, json.loads(event))
-                for ident, kind, event in db.execute("SELECT id, type, event FROM events ORDER BY received_at, id")]
+        found = db.execute("SELECT id, type, ts, event FROM events ORDER BY received_at, id").fetchall()
+    assert all(ts == json.loads(event)["timestamp"] for _, _, ts, event in found)  # the SDK's time, a column
+    return [(ident, kind, json.loads(event)) for ident, kind, _, event in found]
 
 
 def served_statuses(m: Meteorit) -> dict[str, int]:

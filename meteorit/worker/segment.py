@@ -16,6 +16,7 @@ A message becomes one record, kept as sent, but for:
 - `id`: the message's `messageId` (so the consumer's insert, idempotent by id, stores an
   SDK's retry once, which is what messageId is for), a UUIDv7 when absent; a messageId
   that is not a string of 1 to 128 characters (the record's id) is refused, 400;
+- `ts`: the message's `timestamp` (kept too), unless it has a `ts` of its own;
 - `context`, `integrations`: the batch's top-level objects fill in the keys a message's own
   objects do not have (the message's win);
 - `writeKey`: removed, wherever it is.
@@ -49,6 +50,7 @@ ROUTES: dict[bytes, str | None] = {b"/v1/batch": BATCH, **{b"/v1/" + t.encode():
 
 WRITE_KEY = "writeKey"
 MESSAGE_ID = "messageId"
+TIMESTAMP = "timestamp"
 IDENTITIES = ("userId", "anonymousId")
 MERGED = ("context", "integrations")  # a batch's own fill in each message's
 # the field each call type needs besides an identity (Segment's spec)
@@ -140,6 +142,7 @@ def _check(message: Any, index: int, call: str | None, limits: Limits, shared: d
     if reason:
         raise EventError(400, reason, index)
     _take_message_id(message, index)
+    _take_timestamp(message)
     for name in MERGED:
         _merge(message, name, shared.get(name), index)
     reason = record.invalid_reason(message)  # the record's own rules (`ts`)
@@ -182,6 +185,15 @@ def _take_message_id(message: dict[str, Any], index: int) -> None:
                          "characters", index)
     if message.setdefault("id", message_id) != message_id:
         raise EventError(400, "\"id\" is the record's id, taken from \"messageId\", and differs from it", index)
+
+
+def _take_timestamp(message: dict[str, Any]) -> None:
+    """The record's `ts` (the client's time of the event: a column of the consumer's table)
+    is the message's `timestamp` when it has no `ts` of its own; `timestamp` stays as sent.
+    A timestamp `ts` could not hold is left where it is (Segment does not refuse it)."""
+    stamp = message.get(TIMESTAMP)
+    if "ts" not in message and type(stamp) in record.TS_TYPES and stamp != "":
+        message["ts"] = stamp
 
 
 def _merge(message: dict[str, Any], name: str, batch_value: dict[str, Any] | None, index: int) -> None:
